@@ -1,0 +1,129 @@
+"""The ``baton`` command: ``up`` runs the whole local stack; the other
+subcommands run one service each (as docker compose does) or inspect it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+from baton.config import Settings, load_settings
+
+# flag → Settings field, for flags shared by several subcommands
+_COMMON_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--etcd", "etcd_endpoint", str, "etcd host:port"),
+    ("--etcd-prefix", "etcd_prefix", str, "registry key prefix"),
+    ("--model", "model", str, "HF model directory (default: embedded SmolLM2-135M-Instruct)"),
+    ("--served-model-name", "served_model_name", str, "model name clients use"),
+    ("--host", "host", str, "interface to bind"),
+    ("--advertise-host", "advertise_host", str, "host others use to reach this service"),
+    ("--log-level", "log_level", str, "debug, info, warning, error"),
+    ("--max-model-len", "max_model_len", int, "context length"),
+    ("--control-plane", "control_plane_address", str, "control plane host:port"),
+]
+_WORKER_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--worker-id", "worker_id", str, "registry id (default: generated)"),
+    ("--grpc-port", "grpc_port", int, "gRPC port (0: any free port)"),
+    ("--kv-port", "kv_port", int, "decode: KVTransfer port (0: any free port)"),
+    ("--cpu-cores", "cpu_cores", str, "CPU build: cores to pin the engine to, e.g. 0 or 0-1"),
+    ("--kv-cache-gib", "kv_cache_gib", int, "CPU build: KV cache space in GiB"),
+    ("--gpu-memory-utilization", "gpu_memory_utilization", float, "CUDA build: GPU memory fraction"),
+    ("--kv-fetch-timeout-ms", "kv_fetch_timeout_ms", int, "decode: wait this long for KV, then recompute"),
+]
+_ROUTER_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--http-port", "http_port", int, "OpenAI-compatible HTTP port"),
+    ("--grpc-port", "router_grpc_port", int, "public gRPC Inference port"),
+]
+_CONTROL_PLANE_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--policy", "policy", str, "placement policy: least-loaded, round-robin"),
+]
+
+
+def _add(parser: argparse.ArgumentParser, flags) -> None:
+    for flag, dest, kind, help_text in flags:
+        parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
+
+
+def _settings(args: argparse.Namespace, flags) -> Settings:
+    overrides: dict[str, Any] = {dest: getattr(args, dest, None) for _, dest, _, _ in flags}
+    return load_settings(overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="baton", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run etcd, control plane, router and workers locally")
+    _add(up, _COMMON_FLAGS + _CONTROL_PLANE_FLAGS + [f for f in _ROUTER_FLAGS if f[0] == "--http-port"])
+    up.add_argument("--prefill", type=int, default=1, help="number of prefill workers")
+    up.add_argument("--decode", type=int, default=1, help="number of decode workers")
+    up.add_argument("--router-grpc-port", dest="router_grpc_port", type=int, default=None,
+                    help="public gRPC Inference port")
+    up.add_argument("--kv-cache-gib", dest="kv_cache_gib", type=int, default=None)
+    up.add_argument("--log-dir", default=None, help="where service logs go (default: a new run folder)")
+
+    # The control plane binds the port of --control-plane host:port.
+    for name, flags in (("control-plane", _CONTROL_PLANE_FLAGS),
+                        ("router", _ROUTER_FLAGS),
+                        ("prefill-worker", _WORKER_FLAGS),
+                        ("decode-worker", _WORKER_FLAGS)):
+        p = sub.add_parser(name, help=f"run one {name}")
+        _add(p, _COMMON_FLAGS + flags)
+
+    status = sub.add_parser("status", help="workers from etcd with transfer counters")
+    _add(status, [f for f in _COMMON_FLAGS if f[1] in ("etcd_endpoint", "etcd_prefix", "control_plane_address")])
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, RuntimeError) as exc:
+        print(f"baton {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "up":
+        from baton.local_stack import run_up
+
+        return run_up(args, _settings(args, _COMMON_FLAGS + _CONTROL_PLANE_FLAGS + [
+            ("", "http_port", int, ""), ("", "router_grpc_port", int, ""), ("", "kv_cache_gib", int, "")]))
+    if args.command == "control-plane":
+        from control_plane.main import serve
+
+        asyncio.run(serve(_settings(args, _COMMON_FLAGS + _CONTROL_PLANE_FLAGS)))
+        return 0
+    if args.command == "router":
+        from router.main import serve
+
+        asyncio.run(serve(_settings(args, _COMMON_FLAGS + _ROUTER_FLAGS)))
+        return 0
+    if args.command == "prefill-worker":
+        from prefill_worker.main import serve
+
+        asyncio.run(serve(_settings(args, _COMMON_FLAGS + _WORKER_FLAGS)))
+        return 0
+    if args.command == "decode-worker":
+        from decode_worker.main import serve
+
+        asyncio.run(serve(_settings(args, _COMMON_FLAGS + _WORKER_FLAGS)))
+        return 0
+    if args.command == "status":
+        from baton.status import collect_status, render_table
+
+        settings = _settings(args, _COMMON_FLAGS)
+        rows = asyncio.run(collect_status(settings))
+        print(json.dumps(rows, indent=2) if args.json else render_table(rows))
+        return 0
+    raise ValueError(f"unknown command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Typed configuration, read in this module only.
+
+Precedence, lowest first: field defaults, the TOML file named by
+``BATON_CONFIG`` (keys are field names), environment variables
+``BATON_<FIELD>`` (upper case), then explicit overrides (command-line flags).
+Every service takes the one ``Settings`` object and reads the fields it needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- shared by every service ---------------------------------------
+    etcd_endpoint: str = "127.0.0.1:2379"
+    """host:port of etcd; `baton up` starts an embedded one when unset."""
+    etcd_prefix: str = "/baton/v1"
+    """Key prefix of the registry; workers live under <prefix>/workers/<role>/<id>."""
+    model: str = ""
+    """HF model directory; empty means the embedded SmolLM2-135M-Instruct."""
+    served_model_name: str = ""
+    """Name clients use in requests; defaults to the model directory's name."""
+    host: str = "127.0.0.1"
+    """Interface every service binds to."""
+    advertise_host: str = ""
+    """Host other services use to reach this one; defaults to `host`."""
+    log_level: str = "info"
+
+    # --- workers ----------------------------------------------------------
+    worker_id: str = ""
+    """Unique id in the registry; generated when empty."""
+    grpc_port: int = 0
+    """Port of a worker's or the control plane's gRPC server; 0 picks a free one."""
+    kv_port: int = 0
+    """Decode worker: port of the KVTransfer endpoint; 0 picks a free one."""
+    lease_ttl_s: int = 5
+    """Registry lease; a worker that stops refreshing vanishes after this."""
+    cpu_cores: str = ""
+    """CPU build: cores to pin the engine's threads to, e.g. "0" or "0-1"."""
+    kv_cache_gib: int = 1
+    """CPU build: KV cache space of one engine in GiB."""
+    gpu_memory_utilization: float = 0.5
+    """CUDA build: fraction of GPU memory one engine may use."""
+    max_model_len: int = 2048
+    enforce_eager: bool = True
+    """Skip torch.compile: start in ~45 s instead of ~4 min on this CPU."""
+    kv_fetch_timeout_ms: int = 15_000
+    """Decode: how long to wait for a prompt's KV before recomputing it."""
+    staging_capacity_mib: int = 1024
+    """Decode: bound on KV bytes staged and not yet loaded."""
+    staging_ttl_s: float = 60.0
+    """Decode: staged KV nobody fetched is dropped after this."""
+    kv_chunk_bytes: int = 1 << 20
+    """Size of one KV chunk on the wire; well under gRPC's 4 MiB message limit."""
+
+    # --- control plane ----------------------------------------------------
+    control_plane_address: str = "127.0.0.1:50051"
+    policy: str = "least-loaded"
+    transfer_ttl_s: float = 60.0
+    """Transfers not reported consumed or failed within this are expired."""
+
+    # --- router -----------------------------------------------------------
+    http_port: int = 8000
+    router_grpc_port: int = 50052
+    max_tokens_limit: int = 4096
+    """Upper bound on a request's max_tokens (also bounded by the context)."""
+    default_max_tokens: int = 256
+    request_timeout_s: float = 300.0
+
+
+_ENV_PREFIX = "BATON_"
+
+
+def _coerce(value: Any, kind: type) -> Any:
+    if kind is bool and isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"not a boolean: {value!r}")
+    return kind(value)
+
+
+def load_settings(overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Build Settings from defaults, file, environment and overrides.
+
+    Unknown keys in the file or overrides are an error naming the key, so a
+    typo never silently falls back to a default.
+    """
+    env = os.environ if env is None else env
+    hints = get_type_hints(Settings)
+    known = {f.name for f in fields(Settings)}
+    values: dict[str, Any] = {}
+
+    config_path = env.get("BATON_CONFIG")
+    if config_path:
+        data = tomllib.loads(Path(config_path).read_text())
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{config_path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        values.update(data)
+    for name in known:
+        raw = env.get(_ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = raw
+    for name, value in (overrides or {}).items():
+        if name not in known:
+            raise ValueError(f"unknown setting {name!r}")
+        if value is not None:
+            values[name] = value
+
+    coerced = {}
+    for name, value in values.items():
+        try:
+            coerced[name] = _coerce(value, hints[name])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"setting {name}={value!r}: expected {hints[name].__name__}") from exc
+    settings = Settings(**coerced)
+    _validate(settings)
+    return settings
+
+
+def _validate(s: Settings) -> None:
+    if s.lease_ttl_s < 2:
+        raise ValueError("lease_ttl_s must be >= 2 (the lease is refreshed every ttl/3 s)")
+    if not 0 < s.kv_chunk_bytes <= 3 << 20:
+        raise ValueError("kv_chunk_bytes must be in (0, 3 MiB]: gRPC refuses messages over 4 MiB")
+    if s.max_tokens_limit < 1 or s.default_max_tokens < 1:
+        raise ValueError("max_tokens_limit and default_max_tokens must be >= 1")
+
+
+def advertised(settings: Settings, port: int) -> str:
+    return f"{settings.advertise_host or settings.host}:{port}"
+
+
+def replace(settings: Settings, **changes: Any) -> Settings:
+    return dataclasses.replace(settings, **changes)

@@ -1,0 +1,105 @@
+"""One vLLM engine (AsyncLLM) as both worker roles use it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from baton import device
+from baton.logs import get_logger
+from baton.v1 import common_pb2
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    model_path: str
+    served_model_name: str
+    kv_role: str  # "kv_producer" | "kv_consumer" | "kv_both"
+    connector_options: dict[str, Any] = field(default_factory=dict)
+    max_model_len: int = 2048
+    enforce_eager: bool = True
+    cpu_cores: str = ""
+    kv_cache_gib: int = 1
+    gpu_memory_utilization: float = 0.5
+
+
+def sampling_params(proto: common_pb2.SamplingParams, max_tokens: int, *, stream: bool):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    kwargs: dict[str, Any] = {"max_tokens": max_tokens, "stop": list(proto.stop) or None}
+    if proto.HasField("temperature"):
+        kwargs["temperature"] = proto.temperature
+    if proto.HasField("top_p"):
+        kwargs["top_p"] = proto.top_p
+    if proto.HasField("seed"):
+        kwargs["seed"] = proto.seed
+    kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+    return SamplingParams(output_kind=kind, **kwargs)
+
+
+def finish_reason(reason: str | None) -> int:
+    if reason == "stop":
+        return common_pb2.FINISH_REASON_STOP
+    if reason == "length":
+        return common_pb2.FINISH_REASON_LENGTH
+    if reason is None:
+        return common_pb2.FINISH_REASON_UNSPECIFIED
+    return common_pb2.FINISH_REASON_ABORT
+
+
+class Engine:
+    """Owns an AsyncLLM; ``start`` blocks while the engine loads (~45 s on CPU)."""
+
+    def __init__(self, llm, options: EngineOptions):
+        self._llm = llm
+        self.options = options
+
+    @classmethod
+    def start(cls, options: EngineOptions) -> Engine:
+        device.apply_engine_environment(options.cpu_cores, options.kv_cache_gib)
+        from vllm.config import KVTransferConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        transfer = KVTransferConfig(
+            kv_connector="BatonConnector",
+            kv_connector_module_path="kv_transfer.connector",
+            kv_role=options.kv_role,
+            kv_load_failure_policy="recompute",
+            kv_connector_extra_config=dict(options.connector_options),
+        )
+        args = AsyncEngineArgs(
+            model=options.model_path,
+            served_model_name=[options.served_model_name],
+            max_model_len=options.max_model_len,
+            enforce_eager=options.enforce_eager,
+            enable_prefix_caching=True,
+            kv_transfer_config=transfer,
+            disable_log_stats=True,
+            **device.engine_memory_args(options.gpu_memory_utilization),
+        )
+        started = time.monotonic()
+        log.info("engine starting", model=options.model_path, kv_role=options.kv_role)
+        llm = AsyncLLM.from_engine_args(args)
+        log.info("engine ready", seconds=round(time.monotonic() - started, 1))
+        return cls(llm, options)
+
+    async def generate(self, token_ids: list[int], params, request_id: str,
+                       kv_transfer_params: dict[str, Any] | None) -> AsyncIterator[Any]:
+        from vllm.inputs import TokensPrompt
+
+        if kv_transfer_params is not None:
+            params.extra_args = {"kv_transfer_params": kv_transfer_params}
+        async for output in self._llm.generate(TokensPrompt(prompt_token_ids=token_ids), params, request_id):
+            yield output
+
+    def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            # Drop it now: AsyncLLM.__del__ at interpreter exit fails noisily.
+            self._llm = None

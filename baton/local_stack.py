@@ -1,0 +1,201 @@
+"""``baton up``: etcd, control plane, router and workers on this machine,
+each service its own process, started and stopped in order."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from baton.config import Settings
+from baton.etcd_server import EmbeddedEtcd
+from baton.model_store import default_cache_dir, resolve_model
+from baton.rpc import free_port
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: if `baton up` dies without cleaning up
+    (SIGKILL), the kernel sends the service SIGTERM instead of orphaning it."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _cpu_plan(n_workers: int) -> list[str]:
+    """One core per engine, round-robin: engines sharing a core set fight
+    over it, which costs more than it gives."""
+    cores = sorted(os.sched_getaffinity(0))
+    return [str(cores[i % len(cores)]) for i in range(n_workers)]
+
+
+class LocalStack:
+    def __init__(self, settings: Settings, prefill: int, decode: int, log_dir: Path):
+        self.settings = settings
+        self.n_prefill = prefill
+        self.n_decode = decode
+        self.log_dir = log_dir
+        self.children: list[Child] = []
+        self.etcd: EmbeddedEtcd | None = None
+        self.etcd_endpoint = settings.etcd_endpoint
+        self.control_plane = f"{settings.host}:{free_port(settings.host)}"
+
+    def _spawn(self, name: str, command: list[str], env_extra: dict[str, str] | None = None) -> Child:
+        log_path = self.log_dir / f"{name}.log"
+        env = {**os.environ, **(env_extra or {}), "PYTHONUNBUFFERED": "1"}
+        log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "baton.cli", *command],
+            stdout=log_file, stderr=subprocess.STDOUT, env=env,
+            # Own session: Ctrl-C reaches only `baton up`, which then stops
+            # the services in order (router first, etcd last).
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        child = Child(name, proc, log_path)
+        self.children.append(child)
+        return child
+
+    def _common(self) -> list[str]:
+        s = self.settings
+        flags = ["--etcd", self.etcd_endpoint, "--etcd-prefix", s.etcd_prefix, "--host", s.host,
+                 "--control-plane", self.control_plane, "--max-model-len", str(s.max_model_len),
+                 "--log-level", s.log_level]
+        if s.model:
+            flags += ["--model", s.model]
+        if s.served_model_name:
+            flags += ["--served-model-name", s.served_model_name]
+        return flags
+
+    def start(self, embedded_etcd: bool) -> None:
+        if embedded_etcd:
+            self.etcd = EmbeddedEtcd(self.settings.host).start()
+            self.etcd_endpoint = self.etcd.endpoint
+        common = self._common()
+        self._spawn("control-plane", ["control-plane", *common, "--policy", self.settings.policy])
+        cores = _cpu_plan(self.n_prefill + self.n_decode)
+        kv_gib = str(self.settings.kv_cache_gib)
+        for i in range(self.n_prefill):
+            self._spawn(f"prefill-{i}", ["prefill-worker", *common, "--worker-id", f"prefill-{i}",
+                                         "--cpu-cores", cores[i], "--kv-cache-gib", kv_gib])
+        for j in range(self.n_decode):
+            self._spawn(f"decode-{j}", ["decode-worker", *common, "--worker-id", f"decode-{j}",
+                                        "--cpu-cores", cores[self.n_prefill + j], "--kv-cache-gib", kv_gib])
+        self._spawn("router", ["router", *common, "--http-port", str(self.settings.http_port),
+                               "--grpc-port", str(self.settings.router_grpc_port)])
+
+    def wait_ready(self, timeout_s: float) -> None:
+        import asyncio
+
+        from baton.registry import list_workers
+
+        deadline = time.monotonic() + timeout_s
+        want = self.n_prefill + self.n_decode
+        health = f"http://{self.settings.host}:{self.settings.http_port}/health"
+        while time.monotonic() < deadline:
+            self.check_children()
+            try:
+                registered = len(asyncio.run(list_workers(self.etcd_endpoint, self.settings.etcd_prefix)))
+                with urllib.request.urlopen(health, timeout=2) as response:
+                    router_ok = response.status == 200
+            except Exception:
+                registered, router_ok = 0, False
+            if router_ok and registered >= want:
+                return
+            time.sleep(1.0)
+        raise RuntimeError(f"the stack was not ready within {timeout_s:.0f} s; logs in {self.log_dir}")
+
+    def check_children(self) -> None:
+        for child in self.children:
+            code = child.proc.poll()
+            if code is not None:
+                tail = child.log_path.read_text(errors="replace").splitlines()[-25:]
+                raise RuntimeError(f"{child.name} exited with code {code}; last lines of {child.log_path}:\n"
+                                   + "\n".join(tail))
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """Router first (no new requests), then workers, then the control
+        plane, then etcd. Signals during the stop do not interrupt it."""
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            stages = [[c for c in self.children if c.name == "router"],
+                      [c for c in self.children if c.name not in ("router", "control-plane")],
+                      [c for c in self.children if c.name == "control-plane"]]
+            for stage in stages:
+                live = [c for c in stage if c.proc.poll() is None]
+                for child in live:
+                    child.proc.send_signal(signal.SIGTERM)
+                deadline = time.monotonic() + grace_s
+                for child in live:
+                    try:
+                        child.proc.wait(max(0.1, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        # The whole session: the engine's own subprocesses too.
+                        os.killpg(child.proc.pid, signal.SIGKILL)
+                        child.proc.wait()
+            if self.etcd:
+                self.etcd.stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def run_up(args: argparse.Namespace, settings: Settings) -> int:
+    if args.prefill < 1 or args.decode < 1:
+        raise ValueError("--prefill and --decode must be at least 1")
+    resolve_model(settings.model)  # convert the default model once, before any service needs it
+    log_dir = Path(args.log_dir) if args.log_dir else default_cache_dir() / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stack = LocalStack(settings, args.prefill, args.decode, log_dir)
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    print(f"baton: starting etcd, control plane, router, {args.prefill} prefill and {args.decode} decode "
+          f"worker(s); logs in {log_dir}", flush=True)
+    try:
+        stack.start(embedded_etcd=args.etcd_endpoint is None)
+        stack.wait_ready(timeout_s=600)
+        base = f"http://{settings.host}:{settings.http_port}/v1"
+        print(f"baton: ready. OpenAI-compatible endpoint: {base}\n"
+              f"baton: gRPC Inference: {settings.host}:{settings.router_grpc_port}   "
+              f"etcd: {stack.etcd_endpoint}   control plane: {stack.control_plane}\n"
+              f"baton: try  curl {base}/chat/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"{_model_name(settings)}\", \"messages\": "
+              f"[{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'\n"
+              f"baton: Ctrl-C stops everything.", flush=True)
+        while True:
+            stack.check_children()
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print("\nbaton: stopping...", flush=True)
+        return 0
+    finally:
+        stack.stop()
+        print("baton: stopped.", flush=True)
+
+
+def _model_name(settings: Settings) -> str:
+    from baton.model_store import DEFAULT_MODEL_NAME
+
+    if settings.served_model_name:
+        return settings.served_model_name
+    return Path(settings.model).name if settings.model else DEFAULT_MODEL_NAME

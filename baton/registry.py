@@ -1,0 +1,216 @@
+"""Worker registry in etcd: registration with a kept-alive lease, and a
+watcher that keeps a live view of the workers under the prefix.
+
+Layout: ``<prefix>/workers/<role>/<worker_id>`` → JSON ``WorkerRecord``,
+attached to a lease of ``lease_ttl_s``. Deleting the key or letting the lease
+expire is how a worker leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import aetcd
+
+from baton.logs import get_logger
+
+log = get_logger(__name__)
+
+ROLES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    worker_id: str
+    role: str  # "prefill" | "decode"
+    address: str  # host:port of the worker's gRPC service
+    model: str  # served model name
+    kv_address: str = ""  # decode: host:port of its KVTransfer endpoint
+    labels: dict[str, str] = field(default_factory=dict)
+    state: str = "ready"
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> WorkerRecord:
+        data = json.loads(raw)
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def workers_prefix(prefix: str) -> str:
+    return prefix.rstrip("/") + "/workers/"
+
+
+def worker_key(prefix: str, record: WorkerRecord) -> str:
+    return f"{workers_prefix(prefix)}{record.role}/{record.worker_id}"
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"etcd endpoint {endpoint!r}: expected host:port")
+    return host, int(port)
+
+
+def etcd_client(endpoint: str) -> aetcd.Client:
+    host, port = parse_endpoint(endpoint)
+    return aetcd.Client(host=host, port=port, timeout=5)
+
+
+class Registration:
+    """Keeps one worker's key alive in etcd until ``stop()``."""
+
+    def __init__(self, endpoint: str, prefix: str, record: WorkerRecord, ttl_s: int):
+        self._client = etcd_client(endpoint)
+        self._key = worker_key(prefix, record).encode()
+        self._record = record
+        self._ttl_s = ttl_s
+        self._lease: aetcd.Lease | None = None
+        self._task: asyncio.Task | None = None
+
+    @property
+    def key(self) -> str:
+        return self._key.decode()
+
+    async def start(self) -> None:
+        await self._client.connect()
+        await self._put()
+        self._task = asyncio.create_task(self._keep_alive(), name="registry-keepalive")
+        log.info("registered", key=self.key, address=self._record.address)
+
+    async def _put(self) -> None:
+        self._lease = await self._client.lease(self._ttl_s)
+        await self._client.put(self._key, self._record.to_json(), lease=self._lease)
+
+    async def _keep_alive(self) -> None:
+        interval = self._ttl_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                response = await self._lease.refresh()
+                # TTL 0: the lease expired (etcd unreachable for too long);
+                # register again instead of silently staying invisible.
+                if getattr(response, "TTL", 1) <= 0:
+                    log.warning("lease expired; registering again", key=self.key)
+                    await self._put()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # etcd down: keep trying, never crash the worker
+                log.warning("lease refresh failed", key=self.key, error=str(exc))
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self._client.delete(self._key)
+            if self._lease is not None:
+                await self._lease.revoke()
+        with contextlib.suppress(Exception):
+            await self._client.close()
+        log.info("deregistered", key=self.key)
+
+
+class RegistryWatcher:
+    """A live map worker_id → WorkerRecord, from a prefix read plus a watch.
+
+    ``on_change(kind, record)`` is called for every put ("put") and delete
+    ("delete") after the initial load. The watch is re-established (from a
+    fresh read) whenever it breaks.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        prefix: str,
+        on_change: Callable[[str, WorkerRecord], None] | None = None,
+    ):
+        self._endpoint = endpoint
+        self._prefix = workers_prefix(prefix).encode()
+        self._on_change = on_change
+        self.workers: dict[str, WorkerRecord] = {}
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def start(self, wait_s: float = 10.0) -> None:
+        self._task = asyncio.create_task(self._run(), name="registry-watch")
+        await asyncio.wait_for(self._ready.wait(), wait_s)
+
+    async def _run(self) -> None:
+        while True:
+            client = etcd_client(self._endpoint)
+            try:
+                await client.connect()
+                snapshot = await client.get_prefix(self._prefix)
+                fresh: dict[str, WorkerRecord] = {}
+                for kv in snapshot:
+                    record = WorkerRecord.from_json(kv.value)
+                    fresh[record.worker_id] = record
+                self._replace(fresh)
+                self._ready.set()
+                watch = await client.watch_prefix(
+                    self._prefix, start_revision=snapshot.header.revision + 1
+                )
+                async for event in watch:
+                    self._apply(event)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await client.close()
+                raise
+            except Exception as exc:
+                log.warning("registry watch broke; retrying", error=str(exc))
+            with contextlib.suppress(Exception):
+                await client.close()
+            await asyncio.sleep(1.0)
+
+    def _replace(self, fresh: dict[str, WorkerRecord]) -> None:
+        gone = [w for w in self.workers if w not in fresh]
+        for worker_id in gone:
+            self._notify("delete", self.workers.pop(worker_id))
+        for worker_id, record in fresh.items():
+            if self.workers.get(worker_id) != record:
+                self.workers[worker_id] = record
+                self._notify("put", record)
+
+    def _apply(self, event) -> None:
+        key = event.kv.key.decode()
+        worker_id = key.rsplit("/", 1)[-1]
+        if event.kind == "PUT":
+            record = WorkerRecord.from_json(event.kv.value)
+            self.workers[record.worker_id] = record
+            self._notify("put", record)
+        elif event.kind == "DELETE":
+            record = self.workers.pop(worker_id, None)
+            if record is not None:
+                self._notify("delete", record)
+
+    def _notify(self, kind: str, record: WorkerRecord) -> None:
+        log.info("worker " + ("joined" if kind == "put" else "left"), worker_id=record.worker_id,
+                 role=record.role, address=record.address)
+        if self._on_change:
+            self._on_change(kind, record)
+
+    def by_role(self, role: str) -> list[WorkerRecord]:
+        return sorted((w for w in self.workers.values() if w.role == role), key=lambda w: w.worker_id)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+
+async def list_workers(endpoint: str, prefix: str) -> list[WorkerRecord]:
+    client = etcd_client(endpoint)
+    try:
+        await client.connect()
+        return [WorkerRecord.from_json(kv.value) for kv in await client.get_prefix(workers_prefix(prefix).encode())]
+    finally:
+        with contextlib.suppress(Exception):
+            await client.close()

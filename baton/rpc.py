@@ -1,0 +1,76 @@
+"""gRPC server and channel construction shared by every service.
+
+Every server serves gRPC health checking and reflection besides its own
+services, and carries trace context; every channel injects it.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from baton.telemetry import ServerTraceInterceptor, client_interceptors
+
+# KV chunks stay well below this; other messages are tiny.
+MAX_MESSAGE_BYTES = 8 << 20
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class ServiceBinding:
+    """One servicer to mount: ``add(servicer, server)`` is the generated
+    ``add_XServicer_to_server`` and ``name`` the full service name."""
+
+    name: str
+    add: Callable[[object, grpc.aio.Server], None]
+    servicer: object
+
+
+async def start_server(
+    service: str, bindings: Iterable[ServiceBinding], host: str, port: int
+) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
+    """Start a server; returns it, the bound port and its health servicer."""
+    bindings = list(bindings)
+    server = grpc.aio.server(
+        interceptors=[ServerTraceInterceptor(service)], options=_CHANNEL_OPTIONS
+    )
+    for binding in bindings:
+        binding.add(binding.servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [b.name for b in bindings]
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"{service}: cannot bind {host}:{port}")
+    await server.start()
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound, health_servicer
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS, interceptors=client_interceptors())
+
+
+def sync_channel(address: str) -> grpc.Channel:
+    """For code outside an event loop (vLLM's engine processes)."""
+    return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)

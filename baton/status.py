@@ -1,0 +1,47 @@
+"""``baton status``: workers from etcd, with the control plane's counters."""
+
+from __future__ import annotations
+
+import grpc
+
+from baton.config import Settings
+from baton.registry import list_workers
+from baton.rpc import channel
+from baton.v1 import control_plane_pb2, control_plane_pb2_grpc
+
+
+async def collect_status(settings: Settings) -> list[dict]:
+    workers = await list_workers(settings.etcd_endpoint, settings.etcd_prefix)
+    counters: dict[str, control_plane_pb2.WorkerStatus] = {}
+    reachable = True
+    async with channel(settings.control_plane_address) as ch:
+        try:
+            response = await control_plane_pb2_grpc.ControlPlaneStub(ch).ListWorkers(
+                control_plane_pb2.ListWorkersRequest(), timeout=3)
+            counters = {w.worker_id: w for w in response.workers}
+        except grpc.aio.AioRpcError:
+            reachable = False
+    rows = []
+    for w in sorted(workers, key=lambda w: (w.role, w.worker_id)):
+        row = {"worker_id": w.worker_id, "role": w.role, "address": w.address, "kv_address": w.kv_address,
+               "model": w.model, "state": w.state}
+        c = counters.get(w.worker_id)
+        row["transfers"] = None if not reachable else {
+            "in_flight": c.in_flight if c else 0, "total": c.transfers_total if c else 0,
+            "consumed": c.transfers_consumed if c else 0, "failed": c.transfers_failed if c else 0,
+            "expired": c.transfers_expired if c else 0}
+        rows.append(row)
+    return rows
+
+
+def render_table(rows: list[dict]) -> str:
+    if not rows:
+        return "no workers registered"
+    lines = [f"{'WORKER':<20} {'ROLE':<8} {'ADDRESS':<22} {'STATE':<6} {'MODEL':<24} TRANSFERS"]
+    for r in rows:
+        t = r["transfers"]
+        counts = "control plane unreachable" if t is None else (
+            f"total={t['total']} consumed={t['consumed']} failed={t['failed']} "
+            f"expired={t['expired']} in_flight={t['in_flight']}")
+        lines.append(f"{r['worker_id']:<20} {r['role']:<8} {r['address']:<22} {r['state']:<6} {r['model']:<24} {counts}")
+    return "\n".join(lines)

@@ -1,0 +1,177 @@
+"""OpenTelemetry tracing and W3C trace-context propagation over gRPC.
+
+The exporter follows the standard ``OTEL_TRACES_EXPORTER`` variable:
+``none`` (default), ``console`` or ``otlp`` (endpoint from the usual
+``OTEL_EXPORTER_OTLP_*`` variables). Spans are created even without an
+exporter, so trace ids exist and propagate to every hop and every log line.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+_configured = False
+
+
+def setup_tracing(service: str) -> None:
+    global _configured
+    if _configured:
+        return
+    _configured = True
+    provider = TracerProvider(resource=Resource.create({"service.name": f"baton-{service}"}))
+    exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
+    if exporter_name == "console":
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    elif exporter_name == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    elif exporter_name not in ("none", ""):
+        raise ValueError(f"OTEL_TRACES_EXPORTER={exporter_name!r}: use none, console or otlp")
+    trace.set_tracer_provider(provider)
+
+
+def tracer(name: str) -> trace.Tracer:
+    return trace.get_tracer(name)
+
+
+def current_trace_id() -> str:
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
+def inject_headers() -> dict[str, str]:
+    """W3C headers (traceparent, tracestate) of the current context."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
+
+
+def extract_context(headers: Mapping[str, str]) -> otel_context.Context:
+    return propagate.extract(dict(headers))
+
+
+async def traced_stream(
+    stream: AsyncIterator,
+    span: trace.Span,
+    parent: otel_context.Context | None = None,
+) -> AsyncIterator:
+    """Iterate ``stream`` with ``span`` current, ending the span at the end.
+
+    The span's context is attached around each step rather than across
+    yields: a stream may be closed from another context (client gone,
+    cancellation), where detaching a token attached earlier fails.
+    """
+    ctx = trace.set_span_in_context(span, parent)
+    try:
+        while True:
+            token = otel_context.attach(ctx)
+            try:
+                item = await anext(stream)
+            except StopAsyncIteration:
+                return
+            except BaseException as exc:
+                span.record_exception(exc)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
+                raise
+            finally:
+                otel_context.detach(token)
+            yield item
+    finally:
+        span.end()
+        await stream.aclose()
+
+
+def _with_trace_metadata(metadata: Sequence[tuple[str, str]] | None) -> list[tuple[str, str]]:
+    merged = list(metadata or ())
+    merged.extend(inject_headers().items())
+    return merged
+
+
+class _ClientTraceInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+):
+    """Adds the caller's trace context to every outgoing call's metadata."""
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return grpc.aio.ClientCallDetails(
+            method=details.method,
+            timeout=details.timeout,
+            metadata=grpc.aio.Metadata(*_with_trace_metadata(details.metadata)),
+            credentials=details.credentials,
+            wait_for_ready=details.wait_for_ready,
+        )
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+def client_interceptors() -> list:
+    return [_ClientTraceInterceptor()]
+
+
+class ServerTraceInterceptor(grpc.aio.ServerInterceptor):
+    """Starts a server span for each call, parented by the caller's context."""
+
+    def __init__(self, service: str):
+        self._tracer = tracer(f"baton.{service}")
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if method.startswith("/grpc.health") or method.startswith("/grpc.reflection"):
+            return handler
+        headers = {k: v for k, v in (handler_call_details.invocation_metadata or ()) if isinstance(v, str)}
+        parent = extract_context(headers)
+        span_name = method.lstrip("/")
+        tracer_ = self._tracer
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary_unary(request, context):
+                with tracer_.start_as_current_span(span_name, context=parent, kind=trace.SpanKind.SERVER):
+                    return await inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
+
+            def unary_stream(request, context):
+                span = tracer_.start_span(span_name, context=parent, kind=trace.SpanKind.SERVER)
+                return traced_stream(inner_stream(request, context), span, parent)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_unary:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(request_iterator, context):
+                with tracer_.start_as_current_span(span_name, context=parent, kind=trace.SpanKind.SERVER):
+                    return await inner_su(request_iterator, context)
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary, handler.request_deserializer, handler.response_serializer
+            )
+        return handler

@@ -1,0 +1,106 @@
+from baton.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TransferOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRANSFER_OUTCOME_UNSPECIFIED: _ClassVar[TransferOutcome]
+    TRANSFER_OUTCOME_CONSUMED: _ClassVar[TransferOutcome]
+    TRANSFER_OUTCOME_FAILED: _ClassVar[TransferOutcome]
+TRANSFER_OUTCOME_UNSPECIFIED: TransferOutcome
+TRANSFER_OUTCOME_CONSUMED: TransferOutcome
+TRANSFER_OUTCOME_FAILED: TransferOutcome
+
+class ScheduleRequest(_message.Message):
+    __slots__ = ("request_id", "model", "prompt_tokens")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    prompt_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+
+class WorkerEndpoint(_message.Message):
+    __slots__ = ("worker_id", "address", "kv_address")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    KV_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    address: str
+    kv_address: str
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., kv_address: _Optional[str] = ...) -> None: ...
+
+class Placement(_message.Message):
+    __slots__ = ("prefill", "decode", "transfer_id", "transfer_ttl_ms")
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    prefill: WorkerEndpoint
+    decode: WorkerEndpoint
+    transfer_id: str
+    transfer_ttl_ms: int
+    def __init__(self, prefill: _Optional[_Union[WorkerEndpoint, _Mapping]] = ..., decode: _Optional[_Union[WorkerEndpoint, _Mapping]] = ..., transfer_id: _Optional[str] = ..., transfer_ttl_ms: _Optional[int] = ...) -> None: ...
+
+class TransferReport(_message.Message):
+    __slots__ = ("transfer_id", "outcome", "bytes", "tokens", "detail")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    outcome: TransferOutcome
+    bytes: int
+    tokens: int
+    detail: str
+    def __init__(self, transfer_id: _Optional[str] = ..., outcome: _Optional[_Union[TransferOutcome, str]] = ..., bytes: _Optional[int] = ..., tokens: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class TransferReportAck(_message.Message):
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    def __init__(self, state: _Optional[str] = ...) -> None: ...
+
+class ListWorkersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("worker_id", "role", "address", "kv_address", "model", "state", "in_flight", "transfers_total", "transfers_consumed", "transfers_failed", "transfers_expired")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    KV_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_CONSUMED_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    role: _common_pb2.WorkerRole
+    address: str
+    kv_address: str
+    model: str
+    state: str
+    in_flight: int
+    transfers_total: int
+    transfers_consumed: int
+    transfers_failed: int
+    transfers_expired: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., address: _Optional[str] = ..., kv_address: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., in_flight: _Optional[int] = ..., transfers_total: _Optional[int] = ..., transfers_consumed: _Optional[int] = ..., transfers_failed: _Optional[int] = ..., transfers_expired: _Optional[int] = ...) -> None: ...
+
+class ListWorkersResponse(_message.Message):
+    __slots__ = ("workers",)
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...

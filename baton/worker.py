@@ -1,0 +1,75 @@
+"""Lifecycle shared by prefill and decode workers: engine, gRPC server,
+registration, clean shutdown. Role packages supply only their servicers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from baton.config import Settings, advertised
+from baton.engine import Engine, EngineOptions
+from baton.logs import get_logger, setup_logging
+from baton.model_store import resolve_model
+from baton.registry import Registration, WorkerRecord
+from baton.rpc import ServiceBinding, start_server
+from baton.telemetry import setup_tracing
+
+log = get_logger(__name__)
+
+
+def served_name(settings: Settings, model_path: Path) -> str:
+    return settings.served_model_name or model_path.name
+
+
+async def wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def run_worker(
+    role: str,
+    settings: Settings,
+    kv_role: str,
+    make_bindings: Callable[[Engine], list[ServiceBinding]],
+    connector_options: dict | None = None,
+    kv_address: str = "",
+) -> None:
+    """Start the engine, serve, register; on SIGINT/SIGTERM leave the
+    registry first (no new work arrives), then stop serving and the engine."""
+    worker_id = settings.worker_id or f"{role}-{uuid.uuid4().hex[:8]}"
+    setup_logging(f"{role}-worker", settings.log_level)
+    setup_tracing(f"{role}-worker")
+    model_path = resolve_model(settings.model)
+    name = served_name(settings, model_path)
+    engine = Engine.start(EngineOptions(
+        model_path=str(model_path),
+        served_model_name=name,
+        kv_role=kv_role,
+        connector_options=connector_options or {},
+        max_model_len=settings.max_model_len,
+        enforce_eager=settings.enforce_eager,
+        cpu_cores=settings.cpu_cores,
+        kv_cache_gib=settings.kv_cache_gib,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+    ))
+    server, port, _ = await start_server(f"{role}-worker", make_bindings(engine), settings.host, settings.grpc_port)
+    record = WorkerRecord(worker_id=worker_id, role=role, address=advertised(settings, port),
+                          model=name, kv_address=kv_address)
+    registration = Registration(settings.etcd_endpoint, settings.etcd_prefix, record, settings.lease_ttl_s)
+    await registration.start()
+    log.info("worker serving", worker_id=worker_id, address=record.address, kv_address=kv_address)
+    try:
+        await wait_for_signal()
+    finally:
+        log.info("worker stopping", worker_id=worker_id)
+        await registration.stop()
+        await server.stop(grace=5)
+        with contextlib.suppress(Exception):
+            engine.shutdown()

@@ -1,0 +1,88 @@
+"""``ControlPlane`` servicer: thin I/O shell over the registry view, the
+placement policy and the transfer table."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from baton.logs import bind_request, get_logger
+from baton.registry import RegistryWatcher, WorkerRecord
+from baton.v1 import common_pb2, control_plane_pb2, control_plane_pb2_grpc
+from control_plane.policy import Candidate, PlacementPolicy
+from control_plane.transfers import TransferState, TransferTable
+
+log = get_logger(__name__)
+
+SERVICE_NAME = control_plane_pb2.DESCRIPTOR.services_by_name["ControlPlane"].full_name
+_ROLE = {"prefill": common_pb2.WORKER_ROLE_PREFILL, "decode": common_pb2.WORKER_ROLE_DECODE}
+_OUTCOME = {
+    control_plane_pb2.TRANSFER_OUTCOME_CONSUMED: TransferState.CONSUMED,
+    control_plane_pb2.TRANSFER_OUTCOME_FAILED: TransferState.FAILED,
+}
+
+
+class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
+    def __init__(self, registry: RegistryWatcher, policy: PlacementPolicy, transfers: TransferTable):
+        self._registry = registry
+        self._policy = policy
+        self._transfers = transfers
+
+    def _pick(self, role: str, model: str) -> WorkerRecord | None:
+        pool = [w for w in self._registry.by_role(role) if not model or w.model == model]
+        if not pool:
+            return None
+        by_id = {w.worker_id: w for w in pool}
+        choice = self._policy.pick([Candidate(w.worker_id, self._transfers.in_flight(w.worker_id)) for w in pool])
+        return by_id[choice.worker_id]
+
+    async def Schedule(self, request: control_plane_pb2.ScheduleRequest, context: grpc.aio.ServicerContext):
+        bind_request(request.request_id)
+        decode = self._pick("decode", request.model)
+        prefill = self._pick("prefill", request.model)
+        if decode is None or prefill is None:
+            missing = "decode" if decode is None else "prefill"
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"no live {missing} worker serves model {request.model!r}")
+        transfer = self._transfers.open(request.request_id, prefill.worker_id, decode.worker_id, time.monotonic())
+        log.info("placed", prefill=prefill.worker_id, decode=decode.worker_id, transfer_id=transfer.transfer_id,
+                 prompt_tokens=request.prompt_tokens)
+        return control_plane_pb2.Placement(
+            prefill=control_plane_pb2.WorkerEndpoint(worker_id=prefill.worker_id, address=prefill.address),
+            decode=control_plane_pb2.WorkerEndpoint(worker_id=decode.worker_id, address=decode.address,
+                                                    kv_address=decode.kv_address),
+            transfer_id=transfer.transfer_id,
+            transfer_ttl_ms=int(self._transfers.ttl_s * 1000),
+        )
+
+    async def ReportTransfer(self, request: control_plane_pb2.TransferReport, context):
+        state = _OUTCOME.get(request.outcome)
+        if state is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "outcome must be CONSUMED or FAILED")
+        closed = self._transfers.close(request.transfer_id, state, request.bytes, request.tokens)
+        if closed is None:
+            return control_plane_pb2.TransferReportAck(state="unknown")
+        log.info("transfer closed", transfer_id=request.transfer_id, state=state.value, bytes=request.bytes,
+                 tokens=request.tokens, detail=request.detail)
+        return control_plane_pb2.TransferReportAck(state=state.value)
+
+    async def ListWorkers(self, request, context) -> control_plane_pb2.ListWorkersResponse:
+        response = control_plane_pb2.ListWorkersResponse()
+        for worker in sorted(self._registry.workers.values(), key=lambda w: (w.role, w.worker_id)):
+            counts = self._transfers.counters.get(worker.worker_id, {})
+            response.workers.append(control_plane_pb2.WorkerStatus(
+                worker_id=worker.worker_id, role=_ROLE.get(worker.role, 0), address=worker.address,
+                kv_address=worker.kv_address, model=worker.model, state=worker.state,
+                in_flight=self._transfers.in_flight(worker.worker_id),
+                transfers_total=counts.get("total", 0), transfers_consumed=counts.get("consumed", 0),
+                transfers_failed=counts.get("failed", 0), transfers_expired=counts.get("expired", 0),
+            ))
+        return response
+
+    async def run_expiry(self, interval_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            for transfer in self._transfers.expire(time.monotonic()):
+                log.warning("transfer expired", transfer_id=transfer.transfer_id, request_id=transfer.request_id)

@@ -1,0 +1,69 @@
+"""``DecodeWorker`` servicer: continues from prompt + first token, with the
+prompt's KV loaded from the transfer (or recomputed if it never arrives)."""
+
+from __future__ import annotations
+
+import grpc
+
+from baton.engine import Engine, finish_reason, sampling_params
+from baton.logs import bind_request, get_logger
+from baton.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from kv_transfer.params import ConsumerParams, LoadReport, parse
+from kv_transfer.staging import StagingStore
+
+log = get_logger(__name__)
+
+SERVICE_NAME = decode_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
+    def __init__(self, engine: Engine, store: StagingStore):
+        self._engine = engine
+        self._store = store
+
+    async def Decode(self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
+        bind_request(request.request_id)
+        if not request.prompt_token_ids:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
+        if request.sampling.max_tokens < 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be >= 1")
+        prompt = list(request.prompt_token_ids)
+        if request.HasField("first_token_id"):
+            prompt.append(request.first_token_id)
+        elif request.transfer_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a transfer needs first_token_id")
+        kv_params = None
+        if request.transfer_id:
+            kv_params = ConsumerParams(request.transfer_id, len(request.prompt_token_ids)).to_dict()
+        params = sampling_params(request.sampling, request.sampling.max_tokens, stream=True)
+        report: LoadReport | None = None
+        try:
+            async for output in self._engine.generate(prompt, params, request.request_id, kv_params):
+                completion = output.outputs[0]
+                message = decode_pb2.DecodeResponse(
+                    text=completion.text, token_ids=list(completion.token_ids),
+                    finish_reason=finish_reason(completion.finish_reason))
+                if output.finished:
+                    parsed = parse(output.kv_transfer_params)
+                    report = parsed if isinstance(parsed, LoadReport) else None
+                    message.kv.CopyFrom(self._load_stats(request.transfer_id, report))
+                yield message
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        log.info("decode done", transfer_id=request.transfer_id,
+                 external_tokens=report.external_tokens if report else 0,
+                 recomputed=bool(report and report.failed))
+
+    def _load_stats(self, transfer_id: str, report: LoadReport | None) -> common_pb2.KVLoadStats:
+        if not transfer_id or report is None:
+            return common_pb2.KVLoadStats()
+        record = self._store.record(transfer_id)
+        fetched = record.bytes if record and record.state.value == "consumed" else 0
+        return common_pb2.KVLoadStats(
+            transfer_id=transfer_id,
+            external_tokens=report.external_tokens,
+            bytes=fetched if report.external_tokens else 0,
+            recomputed=report.failed,
+        )
+
+

@@ -1,0 +1,138 @@
+"""The Baton vLLM v1 KV connector.
+
+Load it with::
+
+    KVTransferConfig(kv_connector="BatonConnector",
+                     kv_connector_module_path="kv_transfer.connector",
+                     kv_role="kv_producer" | "kv_consumer",
+                     kv_load_failure_policy="recompute",
+                     kv_connector_extra_config={...see ConnectorOptions})
+
+vLLM needs one class; it builds one instance per role, and each instance
+delegates to exactly one half: ``BatonSchedulerSide`` or ``BatonWorkerSide``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorRole,
+    KVConnectorTransferResults,
+)
+
+from baton.logs import ensure_logging
+from kv_transfer.connector.metadata import BatonConnectorMetadata
+from kv_transfer.connector.scheduler_side import BatonSchedulerSide
+from kv_transfer.connector.worker_side import BatonWorkerSide
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+__all__ = ["BatonConnector", "ConnectorOptions"]
+
+
+@dataclass(frozen=True)
+class ConnectorOptions:
+    """``kv_connector_extra_config`` keys."""
+
+    fetch_address: str = ""  # consumer: host:port of this worker's KVTransfer endpoint
+    fetch_timeout_ms: int = 15_000  # consumer: wait for the push this long, then recompute
+    chunk_bytes: int = 1 << 20  # producer: bytes per wire message
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorOptions:
+        extra = extra or {}
+        unknown = set(extra) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"BatonConnector: unknown kv_connector_extra_config keys {sorted(unknown)}")
+        return cls(**extra)
+
+
+def _model_signature(vllm_config: VllmConfig) -> str:
+    hf = vllm_config.model_config.hf_config
+    parts = [",".join(getattr(hf, "architectures", None) or ["?"])]
+    for attr in ("num_hidden_layers", "hidden_size", "num_key_value_heads", "vocab_size"):
+        parts.append(f"{attr}={getattr(hf, attr, '?')}")
+    return ";".join(parts)
+
+
+class BatonConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
+        super().__init__(vllm_config, role, kv_cache_config)
+        ensure_logging(f"kv-connector-{role.name.lower()}")
+        transfer = vllm_config.kv_transfer_config
+        options = ConnectorOptions.from_extra(transfer.kv_connector_extra_config)
+        block_size = vllm_config.cache_config.block_size
+        self._scheduler: BatonSchedulerSide | None = None
+        self._worker: BatonWorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = BatonSchedulerSide(block_size)
+            return
+        from kv_transfer.transport.grpc_stream import GrpcStreamReceiver, GrpcStreamSender
+
+        sender = GrpcStreamSender(options.chunk_bytes) if transfer.is_kv_producer else None
+        receiver = None
+        if transfer.is_kv_consumer:
+            if not options.fetch_address:
+                raise ValueError("BatonConnector: a kv_consumer needs kv_connector_extra_config.fetch_address")
+            receiver = GrpcStreamReceiver(options.fetch_address)
+        self._worker = BatonWorkerSide(
+            _model_signature(vllm_config), block_size, kv_cache_config.num_blocks,
+            sender, receiver, options.fetch_timeout_ms,
+        )
+
+    # --- worker side ------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._worker.register_kv_caches(kv_caches)
+
+    def bind_connector_metadata(self, connector_metadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        # vLLM starts asynchronous loads after the forward, but saves happen
+        # during it: open this step's pushes as soon as the metadata is bound.
+        self._worker.start_step(connector_metadata)
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        self._worker.start_load(self._get_connector_metadata())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        # Loads are asynchronous: a request runs only after its load finished.
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
+        self._worker.save_kv_layer(layer_name, kv_layer)
+
+    def wait_for_save(self) -> None:
+        # Blocks were copied out in save_kv_layer; only close this step's pushes.
+        self._worker.end_step()
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        return self._worker.transfer_results()
+
+    def get_finished(self, finished_req_ids: set[str]):
+        results = self._worker.transfer_results()
+        return None, results.finished_recving or None
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+
+    # --- scheduler side ---------------------------------------------------
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output) -> BatonConnectorMetadata:
+        return self._scheduler.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output) -> None:
+        self._scheduler.update_connector_output(connector_output)
+
+    def request_finished(self, request, block_ids: list[int]):
+        return self._scheduler.request_finished(request, block_ids)

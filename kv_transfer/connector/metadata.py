@@ -1,0 +1,37 @@
+"""What the scheduler side tells the worker side each step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+
+@dataclass(frozen=True)
+class SaveSpec:
+    """Producer: this step completes the prompt of ``req_id``; push its KV."""
+
+    req_id: str
+    transfer_id: str
+    kv_target: str
+    block_ids: tuple[int, ...]  # engine block ids covering the prompt, in order
+    num_tokens: int  # prompt tokens covered
+    traceparent: str
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """Consumer: fetch transfer ``transfer_id`` and write request blocks
+    ``first_block ..`` into engine blocks ``block_ids``."""
+
+    req_id: str
+    transfer_id: str
+    block_ids: tuple[int, ...]
+    first_block: int  # index within the request of block_ids[0]
+    num_tokens: int  # prompt tokens the transfer covers
+
+
+@dataclass
+class BatonConnectorMetadata(KVConnectorMetadata):
+    saves: list[SaveSpec] = field(default_factory=list)
+    loads: list[LoadSpec] = field(default_factory=list)

@@ -1,0 +1,105 @@
+"""Scheduler half of the Baton connector: decides what to push and what to
+load; never touches KV bytes. Lives in the engine-core process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kv_transfer.connector.metadata import BatonConnectorMetadata, LoadSpec, SaveSpec
+from kv_transfer.params import ConsumerParams, LoadReport, ProducerParams, parse
+from kv_transfer.wire import blocks_for_tokens
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+
+@dataclass
+class _PendingPush:
+    params: ProducerParams
+    prompt_len: int
+    block_ids: list[int]
+
+
+class BatonSchedulerSide:
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self._pushes: dict[str, _PendingPush] = {}  # producer requests not yet pushed
+        self._loads: list[LoadSpec] = []  # consumer loads for the next step
+        self._loading: dict[str, int] = {}  # req_id → external tokens being loaded
+        self._claimed: set[str] = set()  # consumer requests whose transfer was claimed
+        self._failed: set[str] = set()
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        params = parse(request.kv_transfer_params)
+        if not isinstance(params, ConsumerParams) or request.request_id in self._claimed:
+            return 0, False
+        # The decode prompt is the prefill prompt plus the first token, so at
+        # least that token is always computed locally and yields logits.
+        remote = min(params.remote_tokens, request.num_prompt_tokens - 1)
+        count = remote - num_computed_tokens
+        return (count, True) if count > 0 else (0, False)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        params = parse(request.kv_transfer_params)
+        if isinstance(params, ProducerParams) and request.request_id not in self._pushes:
+            self._pushes[request.request_id] = _PendingPush(params, request.num_prompt_tokens, [])
+        elif isinstance(params, ConsumerParams) and num_external_tokens > 0:
+            self._claimed.add(request.request_id)
+            remote = min(params.remote_tokens, request.num_prompt_tokens - 1)
+            local_tokens = remote - num_external_tokens  # prefix-cache hit, whole blocks
+            first_block = local_tokens // self.block_size
+            last_block = blocks_for_tokens(remote, self.block_size)
+            block_ids = blocks.get_block_ids()[0][first_block:last_block]
+            self._loads.append(LoadSpec(request.request_id, params.transfer_id, tuple(block_ids),
+                                        first_block, params.remote_tokens))
+            self._loading[request.request_id] = num_external_tokens
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> BatonConnectorMetadata:
+        meta = BatonConnectorMetadata(loads=self._loads)
+        self._loads = []
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            pending = self._pushes.get(new.req_id)
+            if pending is not None:
+                pending.block_ids = list(new.block_ids[0])
+                self._maybe_save(meta, new.req_id, new.num_computed_tokens + scheduled.get(new.req_id, 0))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            pending = self._pushes.get(req_id)
+            if pending is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if new_ids is not None:
+                pending.block_ids.extend(new_ids[0])
+            self._maybe_save(meta, req_id, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
+        return meta
+
+    def _maybe_save(self, meta: BatonConnectorMetadata, req_id: str, computed_after_step: int) -> None:
+        pending = self._pushes[req_id]
+        if computed_after_step < pending.prompt_len:
+            return  # chunked prefill: push once the whole prompt is in the cache
+        n_blocks = blocks_for_tokens(pending.prompt_len, self.block_size)
+        meta.saves.append(SaveSpec(req_id, pending.params.transfer_id, pending.params.kv_target,
+                                   tuple(pending.block_ids[:n_blocks]), pending.prompt_len,
+                                   pending.params.traceparent))
+        del self._pushes[req_id]
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        self._failed.update(getattr(connector_output, "failed_recving", None) or ())
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        req_id = request.request_id
+        self._pushes.pop(req_id, None)
+        self._claimed.discard(req_id)
+        params = parse(request.kv_transfer_params)
+        if not isinstance(params, ConsumerParams):
+            return False, None
+        external = self._loading.pop(req_id, 0)
+        failed = req_id in self._failed
+        self._failed.discard(req_id)
+        report = LoadReport(params.transfer_id, 0 if failed else external, failed)
+        return False, report.to_dict()

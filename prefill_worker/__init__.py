@@ -1,0 +1,1 @@
+"""Prefill worker: a vLLM engine in KV-producer role behind ``PrefillWorker``."""

