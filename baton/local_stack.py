@@ -16,7 +16,6 @@ from pathlib import Path
 from baton.config import Settings
 from baton.etcd_server import EmbeddedEtcd
 from baton.model_store import default_cache_dir, resolve_model
-from baton.rpc import free_port
 
 
 @dataclass
@@ -51,7 +50,7 @@ class LocalStack:
         self.children: list[Child] = []
         self.etcd: EmbeddedEtcd | None = None
         self.etcd_endpoint = settings.etcd_endpoint
-        self.control_plane = f"{settings.host}:{free_port(settings.host)}"
+        self.control_plane = settings.control_plane_address
 
     def _spawn(self, name: str, command: list[str], env_extra: dict[str, str] | None = None) -> Child:
         log_path = self.log_dir / f"{name}.log"

@@ -157,9 +157,10 @@ class ServerTraceInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_stream:
             inner_stream = handler.unary_stream
 
-            def unary_stream(request, context):
+            async def unary_stream(request, context):
                 span = tracer_.start_span(span_name, context=parent, kind=trace.SpanKind.SERVER)
-                return traced_stream(inner_stream(request, context), span, parent)
+                async for item in traced_stream(inner_stream(request, context), span, parent):
+                    yield item
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer

@@ -7,7 +7,7 @@ import contextlib
 
 from baton.config import Settings
 from baton.logs import get_logger, setup_logging
-from baton.registry import RegistryWatcher
+from baton.registry import ROLES, RegistryWatcher
 from baton.rpc import ServiceBinding, start_server
 from baton.telemetry import setup_tracing
 from baton.v1 import control_plane_pb2_grpc
@@ -22,17 +22,17 @@ log = get_logger(__name__)
 async def serve(settings: Settings) -> None:
     setup_logging("control-plane", settings.log_level)
     setup_tracing("control-plane")
-    policy = make_policy(settings.policy)
+    policies = {role: make_policy(settings.policy) for role in ROLES}
     registry = RegistryWatcher(settings.etcd_endpoint, settings.etcd_prefix)
     await registry.start()
-    servicer = ControlPlaneServicer(registry, policy, TransferTable(settings.transfer_ttl_s))
+    servicer = ControlPlaneServicer(registry, policies, TransferTable(settings.transfer_ttl_s))
     port = int(settings.control_plane_address.rpartition(":")[2])
     server, bound, _ = await start_server(
         "control-plane",
         [ServiceBinding(SERVICE_NAME, control_plane_pb2_grpc.add_ControlPlaneServicer_to_server, servicer)],
         settings.host, port)
     expiry = asyncio.create_task(servicer.run_expiry(), name="transfer-expiry")
-    log.info("control plane serving", port=bound, policy=policy.name)
+    log.info("control plane serving", port=bound, policy=settings.policy)
     try:
         await wait_for_signal()
     finally:

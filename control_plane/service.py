@@ -25,9 +25,12 @@ _OUTCOME = {
 
 
 class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
-    def __init__(self, registry: RegistryWatcher, policy: PlacementPolicy, transfers: TransferTable):
+    def __init__(self, registry: RegistryWatcher, policies: dict[str, PlacementPolicy],
+                 transfers: TransferTable):
+        """``policies`` maps role → policy; one instance per role so that
+        round-robin state of one pool never skews the other."""
         self._registry = registry
-        self._policy = policy
+        self._policies = policies
         self._transfers = transfers
 
     def _pick(self, role: str, model: str) -> WorkerRecord | None:
@@ -35,7 +38,7 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
         if not pool:
             return None
         by_id = {w.worker_id: w for w in pool}
-        choice = self._policy.pick([Candidate(w.worker_id, self._transfers.in_flight(w.worker_id)) for w in pool])
+        choice = self._policies[role].pick([Candidate(w.worker_id, self._transfers.in_flight(w.worker_id)) for w in pool])
         return by_id[choice.worker_id]
 
     async def Schedule(self, request: control_plane_pb2.ScheduleRequest, context: grpc.aio.ServicerContext):

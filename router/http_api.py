@@ -37,6 +37,8 @@ def create_app(frontend: Frontend) -> FastAPI:
 
     @app.exception_handler(BatonError)
     async def _baton_error(_request: Request, exc: BatonError):
+        if exc.http_status >= 500:
+            log.warning("request failed", status=exc.http_status, error=exc.message)
         return _error_response(exc)
 
     @app.exception_handler(RequestValidationError)

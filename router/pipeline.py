@@ -143,6 +143,8 @@ class Pipeline:
                 return
         async for delta in self._decode(request, placement, first, transfer_id, started):
             yield delta
+        log.info("request finished", prefill=placement.prefill.worker_id, decode=placement.decode.worker_id,
+                 transfer_id=transfer_id, seconds=round(time.monotonic() - started, 3))
 
     async def _decode(self, request, placement, first, transfer_id, started) -> AsyncIterator[Delta]:
         decode = decode_pb2_grpc.DecodeWorkerStub(self._channels.get(placement.decode.address))

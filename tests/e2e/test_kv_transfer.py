@@ -1,0 +1,62 @@
+"""The decode worker loads the prompt's KV from the transfer instead of
+recomputing it, and recomputes correctly when the KV never arrives."""
+
+import json
+import math
+
+import grpc
+import httpx
+
+from baton.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from tests.e2e.conftest import chat_ids
+from tests.e2e.prompts import long_document
+
+
+def kv_bytes_per_token(model_path) -> int:
+    config = json.loads((model_path / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 2  # K+V, bf16
+
+
+def test_decode_loads_the_prompt_kv_from_the_transfer(stack, model_path):
+    body = {"model": stack.model_name, "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": long_document(7) + "\nWhat flows north?"}]}
+    response = httpx.post(f"{stack.http_base}/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    prompt_tokens = data["usage"]["prompt_tokens"]
+    assert prompt_tokens > 600
+    kv = data["kv_transfer"]
+    assert kv["recomputed"] is False
+    assert kv["external_tokens"] == prompt_tokens
+    # Whole blocks move: ceil(prompt / block) blocks of 128 tokens (CPU) each.
+    block = 128
+    assert kv["bytes"] == math.ceil(prompt_tokens / block) * block * kv_bytes_per_token(model_path)
+
+
+def _decode_worker_address(stack) -> str:
+    import asyncio
+
+    from baton.registry import list_workers
+
+    workers = asyncio.run(list_workers(stack.etcd_endpoint, "/baton/v1"))
+    return next(w.address for w in workers if w.role == "decode" and w.worker_id == "decode-0")
+
+
+def test_kv_that_never_arrives_is_recomputed_correctly(stack, tokenizer, grpc_channel):
+    from tests.e2e.test_parity import generate_ids
+
+    prompt = chat_ids(tokenizer, "What is the capital of France?")
+    # The reference: the same request through the normal path.
+    expected, _ = generate_ids(grpc_channel, prompt, 8)
+    with grpc.insecure_channel(_decode_worker_address(stack)) as channel:
+        stub = decode_pb2_grpc.DecodeWorkerStub(channel)
+        request = decode_pb2.DecodeRequest(
+            request_id="never-arrives", prompt_token_ids=prompt, first_token_id=expected[0],
+            transfer_id="transfer-that-nobody-pushes",
+            sampling=common_pb2.SamplingParams(max_tokens=7, temperature=0.0))
+        messages = list(stub.Decode(request, timeout=120))
+    got = [expected[0]] + [t for m in messages for t in m.token_ids]
+    assert messages[-1].kv.recomputed is True
+    assert messages[-1].kv.external_tokens == 0
+    assert got == expected

@@ -1,0 +1,63 @@
+"""The official openai SDK, unmodified, against the router."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_chat_completion(openai_client, stack):
+    reply = openai_client.chat.completions.create(model=stack.model_name, messages=QUESTION,
+                                                  temperature=0, max_tokens=32)
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_chat_completion_streaming(openai_client, stack):
+    stream = openai_client.chat.completions.create(
+        model=stack.model_name, messages=QUESTION, temperature=0, max_tokens=32, stream=True,
+        stream_options={"include_usage": True})
+    pieces, reasons, usage = [], [], None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            reasons.append(choice.finish_reason)
+    text = "".join(pieces)
+    assert "Paris" in text
+    assert len([p for p in pieces if p]) > 3, "tokens must arrive as separate chunks"
+    assert reasons[-1] == "stop"
+    assert usage is not None and usage.completion_tokens >= len([p for p in pieces if p])
+
+
+def test_completions(openai_client, stack):
+    reply = openai_client.completions.create(model=stack.model_name, prompt="The capital of France is",
+                                             temperature=0, max_tokens=5)
+    assert "Paris" in reply.choices[0].text
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 5
+
+
+def test_completions_streaming(openai_client, stack):
+    stream = openai_client.completions.create(model=stack.model_name, prompt="The capital of France is",
+                                              temperature=0, max_tokens=5, stream=True)
+    text = "".join(c.choices[0].text for c in stream if c.choices)
+    assert "Paris" in text
+
+
+def test_two_concurrent_requests(openai_client, stack):
+    def ask(question):
+        return openai_client.chat.completions.create(
+            model=stack.model_name, temperature=0, max_tokens=24,
+            messages=[{"role": "user", "content": question}]).choices[0].message.content
+
+    with ThreadPoolExecutor(2) as pool:
+        paris, colors = pool.map(ask, ["What is the capital of France?", "Name three primary colors."])
+    assert "Paris" in paris
+    assert any(c in colors.lower() for c in ("red", "blue", "yellow"))
+
+
+def test_models(openai_client, stack):
+    assert [m.id for m in openai_client.models.list()] == [stack.model_name]

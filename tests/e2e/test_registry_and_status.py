@@ -1,0 +1,104 @@
+"""Workers join and leave through etcd while the stack serves; `baton status`
+and the gRPC health/reflection services tell what is running."""
+
+import asyncio
+import json
+import signal
+import subprocess
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from baton.registry import list_workers
+from tests.e2e.conftest import REPO, baton_command, wait_for
+
+
+def workers(stack) -> dict[str, object]:
+    return {w.worker_id: w for w in asyncio.run(list_workers(stack.etcd_endpoint, "/baton/v1"))}
+
+
+def status(stack) -> dict[str, dict]:
+    out = subprocess.run(baton_command("status", "--json", *stack.env_flags()), capture_output=True,
+                         text=True, timeout=60, cwd=REPO, check=True).stdout
+    return {row["worker_id"]: row for row in json.loads(out)}
+
+
+def ask(stack) -> dict:
+    response = httpx.post(f"{stack.http_base}/chat/completions", timeout=120, json={
+        "model": stack.model_name, "max_tokens": 12, "temperature": 0,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_status_lists_the_workers_with_counters(stack):
+    ask(stack)
+    rows = status(stack)
+    assert {"prefill-0", "decode-0"} <= set(rows)
+    for worker_id, role in (("prefill-0", "prefill"), ("decode-0", "decode")):
+        row = rows[worker_id]
+        assert row["role"] == role and row["state"] == "ready" and row["model"] == stack.model_name
+        assert row["address"].startswith("127.0.0.1:")
+        assert row["transfers"]["consumed"] >= 1
+    assert rows["decode-0"]["kv_address"].startswith("127.0.0.1:")
+
+
+def test_a_worker_started_later_gets_traffic_and_leaves_cleanly(stack, tmp_path):
+    log = open(tmp_path / "decode-late.log", "wb")
+    proc = subprocess.Popen(
+        baton_command("decode-worker", *stack.env_flags(), "--worker-id", "decode-late", "--cpu-cores", "1",
+                      "--kv-cache-gib", "1"),
+        stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        wait_for(lambda: "decode-late" in workers(stack) or proc.poll() is not None, 600, "decode-late to register")
+        assert proc.poll() is None, (tmp_path / "decode-late.log").read_text()[-3000:]
+        # Least-loaded with round-robin ties: sequential requests alternate.
+        for _ in range(4):
+            assert "Paris" in ask(stack)["choices"][0]["message"]["content"]
+        late = status(stack)["decode-late"]["transfers"]
+        assert late["consumed"] >= 1, late
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0
+    assert "decode-late" not in workers(stack), "the registry key must vanish when the worker stops"
+    assert "Paris" in ask(stack)["choices"][0]["message"]["content"]
+
+
+def test_every_server_serves_health_and_reflection(stack):
+    addresses = [stack.grpc_address, stack.control_plane] + [w.address for w in workers(stack).values()]
+    addresses += [w.kv_address for w in workers(stack).values() if w.kv_address]
+    for address in addresses:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, address
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                  timeout=10)
+            names = {s.name for r in responses for s in r.list_services_response.service}
+            assert any(n.startswith("baton.v1.") for n in names), (address, names)
+
+
+def test_one_trace_id_covers_every_hop(stack):
+    request_id = ask(stack)["id"]
+
+    def trace_ids(log_name: str) -> set[str]:
+        ids = set()
+        for line in (stack.log_dir / log_name).read_text(errors="replace").splitlines():
+            if line.startswith("{") and request_id in line:
+                record = json.loads(line)
+                if record.get("request_id") == request_id and record.get("trace_id"):
+                    ids.add(record["trace_id"])
+        return ids
+
+    router, prefill, decode = trace_ids("router.log"), trace_ids("prefill-0.log"), trace_ids("decode-0.log")
+    assert len(router) == 1, router
+    assert prefill == router and decode == router
+
+
+def test_metrics_endpoint(stack):
+    ask(stack)
+    text = httpx.get(stack.http_base.removesuffix("/v1") + "/metrics", timeout=10).text
+    assert "baton_requests_total" in text and "baton_time_to_first_token_seconds" in text

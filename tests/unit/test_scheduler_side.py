@@ -1,0 +1,85 @@
+"""The connector's scheduler half, driven step by step with stand-ins for
+vLLM's request and scheduler-output objects."""
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+from kv_transfer.connector.scheduler_side import BatonSchedulerSide
+from kv_transfer.params import ConsumerParams, LoadReport, ProducerParams, parse
+
+
+@dataclass
+class FakeRequest:
+    request_id: str
+    num_prompt_tokens: int
+    kv_transfer_params: dict | None
+
+
+@dataclass
+class FakeBlocks:
+    ids: list[int]
+
+    def get_block_ids(self):
+        return (self.ids,)
+
+
+def output(new=(), cached=None, scheduled=None):
+    cached = cached or SimpleNamespace(req_ids=[], new_block_ids=[], num_computed_tokens=[])
+    return SimpleNamespace(scheduled_new_reqs=list(new), scheduled_cached_reqs=cached,
+                           num_scheduled_tokens=scheduled or {})
+
+
+def test_producer_pushes_once_the_whole_prompt_is_computed():
+    side = BatonSchedulerSide(block_size=4)
+    req = FakeRequest("r", 10, ProducerParams("t1", "decode:1").to_dict())
+    side.update_state_after_alloc(req, FakeBlocks([7, 8]), 0)
+    # chunked prefill: first 8 tokens in step 1, the last 2 in step 2
+    meta = side.build_connector_meta(output(
+        new=[SimpleNamespace(req_id="r", block_ids=([7, 8],), num_computed_tokens=0)], scheduled={"r": 8}))
+    assert meta.saves == []
+    meta = side.build_connector_meta(output(
+        cached=SimpleNamespace(req_ids=["r"], new_block_ids=[([9],)], num_computed_tokens=[8]), scheduled={"r": 2}))
+    (save,) = meta.saves
+    assert save.block_ids == (7, 8, 9) and save.num_tokens == 10 and save.transfer_id == "t1"
+    assert side.build_connector_meta(output()).saves == []
+
+
+def test_consumer_loads_all_prompt_blocks_but_computes_the_first_token():
+    side = BatonSchedulerSide(block_size=4)
+    # decode prompt = 10 prefill tokens + the first token
+    req = FakeRequest("r", 11, ConsumerParams("t1", remote_tokens=10).to_dict())
+    assert side.get_num_new_matched_tokens(req, 0) == (10, True)
+    side.update_state_after_alloc(req, FakeBlocks([3, 4, 5]), 10)
+    assert side.get_num_new_matched_tokens(req, 10) == (0, False), "a transfer is claimed only once"
+    (load,) = side.build_connector_meta(output()).loads
+    assert load.block_ids == (3, 4, 5) and load.first_block == 0
+    _, params = side.request_finished(req, [3, 4, 5])
+    assert parse(params) == LoadReport("t1", external_tokens=10, failed=False)
+
+
+def test_consumer_skips_blocks_found_in_the_local_prefix_cache():
+    side = BatonSchedulerSide(block_size=4)
+    req = FakeRequest("r", 11, ConsumerParams("t1", remote_tokens=10).to_dict())
+    assert side.get_num_new_matched_tokens(req, 8) == (2, True)
+    side.update_state_after_alloc(req, FakeBlocks([1, 2, 6]), 2)
+    (load,) = side.build_connector_meta(output()).loads
+    assert load.block_ids == (6,) and load.first_block == 2
+
+
+def test_a_failed_load_is_reported_as_recomputed():
+    side = BatonSchedulerSide(block_size=4)
+    req = FakeRequest("r", 5, ConsumerParams("t1", remote_tokens=4).to_dict())
+    side.update_state_after_alloc(req, FakeBlocks([1, 2]), 4)
+    side.update_connector_output(SimpleNamespace(failed_recving={"r"}))
+    _, params = side.request_finished(req, [1, 2])
+    assert parse(params) == LoadReport("t1", external_tokens=0, failed=True)
+
+
+def test_requests_without_baton_params_are_left_alone():
+    side = BatonSchedulerSide(block_size=4)
+    req = FakeRequest("r", 5, None)
+    assert side.get_num_new_matched_tokens(req, 0) == (0, False)
+    side.update_state_after_alloc(req, FakeBlocks([1]), 0)
+    assert side.request_finished(req, [1]) == (False, None)
+
+
