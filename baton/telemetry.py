@@ -96,34 +96,36 @@ def _with_trace_metadata(metadata: Sequence[tuple[str, str]] | None) -> list[tup
     return merged
 
 
-class _ClientTraceInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-):
-    """Adds the caller's trace context to every outgoing call's metadata."""
+def _traced_details(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    return grpc.aio.ClientCallDetails(
+        method=details.method,
+        timeout=details.timeout,
+        metadata=grpc.aio.Metadata(*_with_trace_metadata(details.metadata)),
+        credentials=details.credentials,
+        wait_for_ready=details.wait_for_ready,
+    )
 
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        return grpc.aio.ClientCallDetails(
-            method=details.method,
-            timeout=details.timeout,
-            metadata=grpc.aio.Metadata(*_with_trace_metadata(details.metadata)),
-            credentials=details.credentials,
-            wait_for_ready=details.wait_for_ready,
-        )
 
+# grpc.aio files each interceptor under the first call kind it implements
+# only, so each kind needs its own class.
+class _UnaryUnaryTrace(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):
-        return await continuation(self._details(client_call_details), request)
+        return await continuation(_traced_details(client_call_details), request)
 
+
+class _UnaryStreamTrace(grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, client_call_details, request):
-        return await continuation(self._details(client_call_details), request)
+        return await continuation(_traced_details(client_call_details), request)
 
+
+class _StreamUnaryTrace(grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        return await continuation(self._details(client_call_details), request_iterator)
+        return await continuation(_traced_details(client_call_details), request_iterator)
 
 
 def client_interceptors() -> list:
-    return [_ClientTraceInterceptor()]
+    """Add the caller's trace context to every outgoing call's metadata."""
+    return [_UnaryUnaryTrace(), _UnaryStreamTrace(), _StreamUnaryTrace()]
 
 
 class ServerTraceInterceptor(grpc.aio.ServerInterceptor):
