@@ -11,7 +11,10 @@ from baton.v1 import control_plane_pb2, control_plane_pb2_grpc
 
 
 async def collect_status(settings: Settings) -> list[dict]:
-    workers = await list_workers(settings.etcd_endpoint, settings.etcd_prefix)
+    try:
+        workers = await list_workers(settings.etcd_endpoint, settings.etcd_prefix)
+    except Exception as exc:  # aetcd raises its own hierarchy; all mean "no registry"
+        raise RuntimeError(f"cannot read the registry from etcd at {settings.etcd_endpoint}: {exc}") from exc
     counters: dict[str, control_plane_pb2.WorkerStatus] = {}
     reachable = True
     async with channel(settings.control_plane_address) as ch:
