@@ -61,3 +61,22 @@ def test_two_concurrent_requests(openai_client, stack):
 
 def test_models(openai_client, stack):
     assert [m.id for m in openai_client.models.list()] == [stack.model_name]
+
+
+def test_stop_sequence(openai_client, stack):
+    reply = openai_client.chat.completions.create(model=stack.model_name, messages=QUESTION, temperature=0,
+                                                  max_tokens=32, stop=["Paris"])
+    content = reply.choices[0].message.content
+    assert content.startswith("The capital of France is") and "Paris" not in content
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_seed_makes_sampling_repeatable(openai_client, stack):
+    def sample(seed):
+        return openai_client.completions.create(
+            model=stack.model_name, prompt="Once upon a time", temperature=1.0, top_p=0.9, seed=seed,
+            max_tokens=16).choices[0].text
+
+    first = sample(1234)
+    assert sample(1234) == first
+    assert len({first, sample(1), sample(2)}) > 1, "different seeds should not all sample the same text"
