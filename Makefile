@@ -33,3 +33,8 @@ protos: setup
 
 clean:
 	rm -rf $(VENV)
+
+# Benchmarks write bench/results/<name>.json and .png.
+.PHONY: bench-kv
+bench-kv: setup
+	$(PY) -m bench.kv_transfer $(ARGS)

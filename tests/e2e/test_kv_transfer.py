@@ -32,6 +32,22 @@ def test_decode_loads_the_prompt_kv_from_the_transfer(stack, model_path):
     # Whole blocks move: ceil(prompt / block) blocks of 128 tokens (CPU) each.
     block = 128
     assert kv["bytes"] == math.ceil(prompt_tokens / block) * block * kv_bytes_per_token(model_path)
+    # Consumed KV is freed: nothing stays staged once the request is done.
+    stats = _staging_stats(stack)
+    assert stats.staged_bytes == 0 and stats.staged_transfers == 0
+    assert stats.fetched_total >= 1
+
+
+def _staging_stats(stack):
+    import asyncio
+
+    from baton.registry import list_workers
+    from baton.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
+
+    workers = asyncio.run(list_workers(stack.etcd_endpoint, "/baton/v1"))
+    kv_address = next(w.kv_address for w in workers if w.worker_id == "decode-0")
+    with grpc.insecure_channel(kv_address) as channel:
+        return kv_transfer_pb2_grpc.KVTransferStub(channel).Stats(kv_transfer_pb2.KVStatsRequest(), timeout=10)
 
 
 def _decode_worker_address(stack) -> str:
