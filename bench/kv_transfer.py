@@ -59,7 +59,7 @@ def _serve(grpc_port: int, tcp_port: int, ready) -> None:
     asyncio.run(main())
 
 
-def _push_and_fetch(sender, receiver, payload: memoryview, num_blocks: int) -> tuple[float, float]:
+def _push_and_fetch(sender, receiver, target: str, payload: memoryview, num_blocks: int) -> tuple[float, float]:
     from kv_transfer.wire import KVLayout
 
     layout = KVLayout("bench", tuple(f"layer.{i}" for i in range(LAYERS)), "bfloat16", 128, BLOCK_SHAPE)
@@ -67,7 +67,7 @@ def _push_and_fetch(sender, receiver, payload: memoryview, num_blocks: int) -> t
     layer_bytes = num_blocks * BLOCK_BYTES
     header = layout.header(transfer_id, num_blocks * 128, num_blocks)
     started = time.perf_counter()
-    sender.push("127.0.0.1:%d" % sender.port, header,
+    sender.push(target, header,
                 ((i, payload[i * layer_bytes:(i + 1) * layer_bytes]) for i in range(LAYERS)), [])
     pushed = time.perf_counter()
     _, chunks = receiver.fetch(transfer_id, 10_000)
@@ -100,7 +100,7 @@ def main() -> None:
     server.start()
     assert ready.wait(30), "bench server did not start"
     sender = GrpcStreamSender(chunk_bytes=1 << 20)
-    sender.port = grpc_port
+    target = f"127.0.0.1:{grpc_port}"
     receiver = GrpcStreamReceiver(f"127.0.0.1:{grpc_port}")
     sock = socket.create_connection(("127.0.0.1", tcp_port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -109,18 +109,20 @@ def main() -> None:
     for size_mib in args.sizes_mib:
         num_blocks = max(1, round(size_mib * (1 << 20) / (LAYERS * BLOCK_BYTES)))
         payload = memoryview(os.urandom(num_blocks * BLOCK_BYTES * LAYERS))
-        _push_and_fetch(sender, receiver, payload, num_blocks)  # warm-up
+        _push_and_fetch(sender, receiver, target, payload, num_blocks)  # warm-up
         _raw_tcp(sock, payload)
         push, fetch, tcp, copy = [], [], [], []
         for _ in range(args.repeats):
-            p, f = _push_and_fetch(sender, receiver, payload, num_blocks)
+            p, f = _push_and_fetch(sender, receiver, target, payload, num_blocks)
             push.append(p)
             fetch.append(f)
             tcp.append(_raw_tcp(sock, payload))
             started = time.perf_counter()
             bytearray(payload)
             copy.append(time.perf_counter() - started)
-        gbps = lambda seconds: len(payload) / statistics.median(seconds) / 1e9  # noqa: E731
+        def gbps(seconds: list[float], nbytes: int = len(payload)) -> float:
+            return nbytes / statistics.median(seconds) / 1e9
+
         row = {"bytes": len(payload), "tokens": num_blocks * 128,
                "grpc_push_gbps": gbps(push), "grpc_fetch_gbps": gbps(fetch),
                "raw_tcp_gbps": gbps(tcp), "memcpy_gbps": gbps(copy)}
