@@ -65,6 +65,11 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
             for chunk in chunk_layer(index, memoryview(layer), self._chunk_bytes):
                 yield chunk
 
+    async def Discard(self, request: pb.DiscardRequest, context) -> pb.DiscardAck:
+        freed = self._store.discard(request.transfer_id)
+        log.info("kv discarded", transfer_id=request.transfer_id, bytes=freed)
+        return pb.DiscardAck(freed_bytes=freed)
+
     async def Stats(self, request, context) -> pb.KVStats:
         c = self._store.counters
         return pb.KVStats(

@@ -91,6 +91,9 @@ class StagingStore:
         if not tid:
             raise WireError("header without transfer_id")
         if tid in self._staged or tid in self._history:
+            past = self._history.get(tid)
+            if past is not None and past.reason == "discarded":
+                raise WireError(f"transfer {tid} was discarded")
             raise WireError(f"transfer {tid} was already pushed")
         layer_bytes = layer_payload_bytes(header)
         total = layer_bytes * len(header.layer_names)
@@ -161,6 +164,18 @@ class StagingStore:
                 pass
             finally:
                 self._waiters.pop(transfer_id, None)
+
+    def discard(self, transfer_id: str) -> int:
+        """Free a transfer nobody will fetch; returns the bytes freed. A push
+        that has not arrived yet is refused when it does."""
+        staged = self._staged.get(transfer_id)
+        if staged is not None:
+            freed = staged.nbytes
+            self._finish(staged, TransferState.FAILED, "discarded")
+            return freed
+        if transfer_id not in self._history:
+            self._remember(transfer_id, TransferState.FAILED, 0, 0, "discarded")
+        return 0
 
     # --- housekeeping -----------------------------------------------------
     def expire(self, now_s: float | None = None) -> int:

@@ -27,6 +27,8 @@ from baton.v1 import (
     control_plane_pb2_grpc,
     decode_pb2,
     decode_pb2_grpc,
+    kv_transfer_pb2,
+    kv_transfer_pb2_grpc,
     prefill_pb2,
     prefill_pb2_grpc,
 )
@@ -127,7 +129,7 @@ class Pipeline:
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc, f"prefill worker {placement.prefill.worker_id}")
             if not isinstance(error, RetryableError):
-                await self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
+                self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
                                    detail=error.message)
                 raise error from exc
             log.warning("prefill failed; decode worker prefills locally", error=error.message)
@@ -138,7 +140,9 @@ class Pipeline:
             reason = _FINISH.get(first.finish_reason, "length") if done else None
             yield Delta(first.first_token_text, [first.first_token_id], reason)
             if done:
-                await self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
+                if transfer_id:
+                    self._in_background(self._discard(placement.decode.kv_address, transfer_id))
+                self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
                                    detail="generation ended at the first token")
                 return
         async for delta in self._decode(request, placement, first, transfer_id, started):
@@ -175,25 +179,34 @@ class Pipeline:
             raise from_rpc_error(exc, f"decode worker {placement.decode.worker_id}") from exc
         finally:
             consumed = finished and outcome.external_tokens > 0 and not outcome.recomputed
-            await self._report(
+            self._report(
                 placement.transfer_id,
                 control_plane_pb2.TRANSFER_OUTCOME_CONSUMED if consumed else control_plane_pb2.TRANSFER_OUTCOME_FAILED,
                 nbytes=outcome.bytes, tokens=outcome.external_tokens,
                 detail="" if consumed else "KV not loaded by the decode worker")
 
-    async def _report(self, transfer_id: str, outcome: int, nbytes: int = 0, tokens: int = 0, detail: str = "") -> None:
+    def _report(self, transfer_id: str, outcome: int, nbytes: int = 0, tokens: int = 0, detail: str = "") -> None:
         if not transfer_id:
             return
         report = control_plane_pb2.TransferReport(transfer_id=transfer_id, outcome=outcome, bytes=nbytes,
                                                   tokens=tokens, detail=detail)
-        # Bookkeeping must never fail or delay the answer: send it in the
-        # background and keep a strong reference until it is done.
-        task = asyncio.create_task(self._send_report(report))
+        self._in_background(self._control_plane.ReportTransfer(report, timeout=5))
+
+    async def _discard(self, kv_address: str, transfer_id: str):
+        """Free KV staged for a decode that will not happen."""
+        stub = kv_transfer_pb2_grpc.KVTransferStub(self._channels.get(kv_address))
+        return await stub.Discard(kv_transfer_pb2.DiscardRequest(transfer_id=transfer_id), timeout=5)
+
+    def _in_background(self, call) -> None:
+        """Bookkeeping must never fail or delay the answer: run it in the
+        background, holding a strong reference until it is done."""
+
+        async def run():
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+                await call
+
+        task = asyncio.create_task(run())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    async def _send_report(self, report) -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
-            await self._control_plane.ReportTransfer(report, timeout=5)
 
 

@@ -47,6 +47,11 @@ class KVTransferStub:
                 request_serializer=baton_dot_v1_dot_kv__transfer__pb2.FetchRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_kv__transfer__pb2.KVChunk.FromString,
                 _registered_method=True)
+        self.Discard = channel.unary_unary(
+                '/baton.v1.KVTransfer/Discard',
+                request_serializer=baton_dot_v1_dot_kv__transfer__pb2.DiscardRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_kv__transfer__pb2.DiscardAck.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/baton.v1.KVTransfer/Stats',
                 request_serializer=baton_dot_v1_dot_kv__transfer__pb2.KVStatsRequest.SerializeToString,
@@ -73,6 +78,14 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Discard(self, request, context):
+        """Frees a transfer nobody will fetch (generation ended at the first
+        token); a push that arrives later is refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -91,6 +104,11 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.Fetch,
                     request_deserializer=baton_dot_v1_dot_kv__transfer__pb2.FetchRequest.FromString,
                     response_serializer=baton_dot_v1_dot_kv__transfer__pb2.KVChunk.SerializeToString,
+            ),
+            'Discard': grpc.unary_unary_rpc_method_handler(
+                    servicer.Discard,
+                    request_deserializer=baton_dot_v1_dot_kv__transfer__pb2.DiscardRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_kv__transfer__pb2.DiscardAck.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -155,6 +173,33 @@ class KVTransfer:
             '/baton.v1.KVTransfer/Fetch',
             baton_dot_v1_dot_kv__transfer__pb2.FetchRequest.SerializeToString,
             baton_dot_v1_dot_kv__transfer__pb2.KVChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Discard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.KVTransfer/Discard',
+            baton_dot_v1_dot_kv__transfer__pb2.DiscardRequest.SerializeToString,
+            baton_dot_v1_dot_kv__transfer__pb2.DiscardAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -76,3 +76,17 @@ def test_kv_that_never_arrives_is_recomputed_correctly(stack, tokenizer, grpc_ch
     assert messages[-1].kv.recomputed is True
     assert messages[-1].kv.external_tokens == 0
     assert got == expected
+
+
+def test_kv_of_an_answer_that_ends_at_the_first_token_is_freed(stack):
+    from tests.e2e.conftest import wait_for
+
+    # "The" is the first token of the answer: prefill stops there, no decode runs.
+    body = {"model": stack.model_name, "max_tokens": 16, "temperature": 0, "stop": ["The"],
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    response = httpx.post(f"{stack.http_base}/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["message"]["content"] == ""
+    # Freed by the router's discard, long before the 60 s staging TTL.
+    wait_for(lambda: _staging_stats(stack).staged_bytes == 0, 10, "staged KV to be freed")

@@ -78,3 +78,13 @@ def test_unfetched_transfers_expire():
     staged = push_all(store, header())
     assert store.expire(now_s=staged.created_s + 6) == 1
     assert store.staged_bytes == 0 and store.record("t1").state is TransferState.EXPIRED
+
+
+def test_discard_frees_staged_kv_and_refuses_a_late_push():
+    store = StagingStore(capacity_bytes=1 << 20, ttl_s=60)
+    push_all(store, header("early"))
+    assert store.discard("early") == 2 * layer_payload_bytes(header())
+    assert store.staged_bytes == 0
+    assert store.discard("late") == 0
+    with pytest.raises(WireError, match="discarded"):
+        store.begin(header("late"))
