@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -140,12 +141,19 @@ def stack(etcd, model_path, reference, tmp_path_factory) -> Stack:
         pytest.fail("baton up did not become ready:\n" + "\n".join(lines[-50:]))
     yield Stack(f"http://127.0.0.1:{http_port}/v1", f"127.0.0.1:{grpc_port}", etcd.endpoint,
                 f"127.0.0.1:{cp_port}", log_dir, DEFAULT_MODEL_NAME, model_path, proc)
-    proc.send_signal(2)  # Ctrl-C
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
     try:
-        proc.wait(120)
+        code = proc.wait(120)
     except subprocess.TimeoutExpired:
         proc.kill()
         pytest.fail("baton up did not stop within 120 s of Ctrl-C")
+    # Stopped cleanly: exit 0, and every worker left the registry itself.
+    assert code == 0, f"baton up exited with {code}"
+    import asyncio
+
+    from baton.registry import list_workers
+
+    assert asyncio.run(list_workers(etcd.endpoint, "/baton/v1")) == []
 
 
 @pytest.fixture

@@ -90,3 +90,16 @@ def test_kv_of_an_answer_that_ends_at_the_first_token_is_freed(stack):
     assert choice["finish_reason"] == "stop" and choice["message"]["content"] == ""
     # Freed by the router's discard, long before the 60 s staging TTL.
     wait_for(lambda: _staging_stats(stack).staged_bytes == 0, 10, "staged KV to be freed")
+
+
+def test_decode_worker_prefills_locally_without_a_transfer(stack, tokenizer, grpc_channel):
+    from tests.e2e.test_parity import generate_ids
+
+    prompt = chat_ids(tokenizer, "Name three primary colors.")
+    expected, _ = generate_ids(grpc_channel, prompt, 8)
+    with grpc.insecure_channel(_decode_worker_address(stack)) as channel:
+        request = decode_pb2.DecodeRequest(request_id="local-prefill", prompt_token_ids=prompt,
+                                           sampling=common_pb2.SamplingParams(max_tokens=8, temperature=0.0))
+        messages = list(decode_pb2_grpc.DecodeWorkerStub(channel).Decode(request, timeout=120))
+    assert [t for m in messages for t in m.token_ids] == expected
+    assert messages[-1].kv.external_tokens == 0
