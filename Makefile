@@ -38,3 +38,7 @@ clean:
 .PHONY: bench-kv
 bench-kv: setup
 	$(PY) -m bench.kv_transfer $(ARGS)
+
+.PHONY: bench-serve
+bench-serve: setup
+	$(PY) -m bench.serve $(ARGS)

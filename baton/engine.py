@@ -31,7 +31,8 @@ def sampling_params(proto: common_pb2.SamplingParams, max_tokens: int, *, stream
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    kwargs: dict[str, Any] = {"max_tokens": max_tokens, "stop": list(proto.stop) or None}
+    kwargs: dict[str, Any] = {"max_tokens": max_tokens, "stop": list(proto.stop) or None,
+                              "ignore_eos": proto.ignore_eos}
     if proto.HasField("temperature"):
         kwargs["temperature"] = proto.temperature
     if proto.HasField("top_p"):

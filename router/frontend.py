@@ -25,7 +25,8 @@ class Frontend:
         return gen_requests.build(
             self.limits, gen_requests.new_request_id(prefix), token_ids,
             max_tokens=body_like.resolved_max_tokens(), temperature=body_like.temperature,
-            top_p=body_like.top_p, seed=body_like.seed, stop=body_like.stop_list())
+            top_p=body_like.top_p, seed=body_like.seed, stop=body_like.stop_list(),
+            ignore_eos=body_like.ignore_eos)
 
     async def prepare_chat(self, body, messages: list[dict[str, str]]) -> gen_requests.GenerationRequest:
         gen_requests.check_model(self.limits, body.model)

@@ -40,7 +40,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             max_tokens=s.max_tokens or None,
             temperature=s.temperature if s.HasField("temperature") else None,
             top_p=s.top_p if s.HasField("top_p") else None,
-            seed=s.seed if s.HasField("seed") else None, stop=list(s.stop))
+            seed=s.seed if s.HasField("seed") else None, stop=list(s.stop), ignore_eos=s.ignore_eos)
 
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         try:

@@ -24,6 +24,7 @@ class _Sampling(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: StrictBool = False  # vLLM extension, used by serving benchmarks
 
     @field_validator("n")
     @classmethod

@@ -37,7 +37,7 @@ def check_model(limits: Limits, model: str) -> None:
 
 def build(limits: Limits, request_id: str, token_ids: list[int], *, max_tokens: int | None,
           temperature: float | None, top_p: float | None, seed: int | None,
-          stop: list[str]) -> GenerationRequest:
+          stop: list[str], ignore_eos: bool = False) -> GenerationRequest:
     if not token_ids:
         raise ClientError("the prompt is empty", param="prompt")
     if any(t < 0 or t >= limits.vocab_size for t in token_ids):
@@ -67,7 +67,7 @@ def build(limits: Limits, request_id: str, token_ids: list[int], *, max_tokens: 
         raise ClientError("top_p must be in (0, 1]", param="top_p")
     if len(stop) > 4:
         raise ClientError("at most 4 stop sequences", param="stop")
-    sampling = common_pb2.SamplingParams(max_tokens=max_tokens, stop=stop)
+    sampling = common_pb2.SamplingParams(max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos)
     if temperature is not None:
         sampling.temperature = temperature
     if top_p is not None:

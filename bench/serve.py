@@ -1,0 +1,190 @@
+"""Serving benchmark: Baton (1 prefill + 1 decode worker, one core each)
+against one plain vLLM OpenAI server on the same machine (the baseline),
+same load, same run.
+
+    python -m bench.serve [--requests 24] [--rate 2] [--input-words 380] [--output-tokens 64]
+
+Load: streaming chat completions with Poisson arrivals; each prompt is
+distinct random words (no prefix-cache hits). Reports TTFT, time per output
+token (TPOT) and output throughput, and Baton's ratio to vLLM. Writes
+bench/results/serve.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from baton.model_store import DEFAULT_MODEL_NAME, ensure_default_model
+from baton.rpc import free_port
+
+RESULTS = Path(__file__).resolve().parent / "results"
+_WORDS = ("river valley mountain bridge market winter spring library farmer harvest road stone "
+          "village north east coast wind rain field tower gate lamp ship harbor bread salt").split()
+
+
+def make_prompts(count: int, words: int, seed: int = 7) -> list[str]:
+    rng = random.Random(seed)
+    return [f"Request {i}. " + " ".join(rng.choice(_WORDS) for _ in range(words)) + "\nSummarize the text above."
+            for i in range(count)]
+
+
+async def one_request(client: httpx.AsyncClient, base: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": DEFAULT_MODEL_NAME, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+            "ignore_eos": True}
+    started = time.perf_counter()
+    first = None
+    arrivals = []
+    tokens = 0
+    async with client.stream("POST", f"{base}/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                now = time.perf_counter()
+                first = first or now
+                arrivals.append(now)
+    end = time.perf_counter()
+    return {"ttft_s": (first or end) - started, "latency_s": end - started, "tokens": tokens,
+            "tpot_s": (end - first) / max(1, tokens - 1) if first else None}
+
+
+async def run_load(base: str, prompts: list[str], rate: float, max_tokens: int) -> dict:
+    rng = random.Random(11)
+    async with httpx.AsyncClient(timeout=600) as client:
+        await one_request(client, base, "warm up", 4)
+        started = time.perf_counter()
+        tasks = []
+        for prompt in prompts:
+            tasks.append(asyncio.create_task(one_request(client, base, prompt, max_tokens)))
+            await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        wall = time.perf_counter() - started
+    ttft = sorted(r["ttft_s"] for r in results)
+    tpot = sorted(r["tpot_s"] for r in results if r["tpot_s"] is not None)
+    pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    return {"requests": len(results), "wall_s": wall,
+            "ttft_p50_s": statistics.median(ttft), "ttft_p90_s": pct(ttft, 0.9),
+            "tpot_p50_s": statistics.median(tpot), "tpot_p90_s": pct(tpot, 0.9),
+            "output_tokens_per_s": sum(r["tokens"] for r in results) / wall}
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url} not healthy within {timeout_s} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def bench_baton(args, prompts, log_dir: Path) -> dict:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "baton.cli", "up", "--http-port", str(port),
+                             "--router-grpc-port", str(free_port()), "--control-plane", f"127.0.0.1:{free_port()}",
+                             "--log-dir", str(log_dir / "baton")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, 900)
+        # The router answers before both workers registered: wait for a real answer.
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
+                           json={"model": DEFAULT_MODEL_NAME, "prompt": "hi", "max_tokens": 2})
+            if r.status_code == 200:
+                break
+            time.sleep(2)
+        return asyncio.run(run_load(f"http://127.0.0.1:{port}/v1", prompts, args.rate, args.output_tokens))
+    finally:
+        stop(proc)
+
+
+def bench_vllm(args, prompts, log_dir: Path) -> dict:
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
+    log = open(log_dir / "vllm.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                             "--model", str(ensure_default_model()), "--served-model-name", DEFAULT_MODEL_NAME,
+                             "--enforce-eager", "--max-model-len", "2048", "--port", str(port),
+                             "--disable-log-stats"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, 900)
+        return asyncio.run(run_load(f"http://127.0.0.1:{port}/v1", prompts, args.rate, args.output_tokens))
+    finally:
+        stop(proc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--rate", type=float, default=2.0, help="requests per second (Poisson)")
+    parser.add_argument("--input-words", type=int, default=380, help="about 512 prompt tokens")
+    parser.add_argument("--output-tokens", type=int, default=64)
+    args = parser.parse_args()
+    prompts = make_prompts(args.requests, args.input_words)
+    log_dir = RESULTS / "serve-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    vllm = bench_vllm(args, prompts, log_dir)
+    print("vLLM (baseline):", json.dumps(vllm), flush=True)
+    baton = bench_baton(args, prompts, log_dir)
+    print("Baton          :", json.dumps(baton), flush=True)
+    ratios = {k: baton[k] / vllm[k] for k in ("ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s",
+                                              "output_tokens_per_s")}
+    print("Baton / vLLM   :", json.dumps({k: round(v, 2) for k, v in ratios.items()}), flush=True)
+    result = {"benchmark": "serve", "command": "make bench-serve", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "load": vars(args), "baseline": "one vLLM OpenAI server (both cores)", "vllm": vllm,
+              "baton": baton, "baton_over_vllm": ratios}
+    (RESULTS / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
+    _plot(vllm, baton, RESULTS / "serve.png")
+    print(f"wrote {RESULTS / 'serve.json'} and serve.png")
+
+
+def _plot(vllm: dict, baton: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("ttft_p50_s", "TTFT p50 (s)"), ("ttft_p90_s", "TTFT p90 (s)"), ("tpot_p50_s", "TPOT p50 (s)"),
+               ("output_tokens_per_s", "output tok/s")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(12, 3.5))
+    for ax, (key, label) in zip(axes, metrics, strict=True):
+        ax.bar(["vLLM", "Baton"], [vllm[key], baton[key]], color=["#888888", "#1f77b4"])
+        ax.set_title(label)
+    fig.suptitle("Baton (1P+1D) vs one vLLM engine, same load")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
