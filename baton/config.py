@@ -63,8 +63,9 @@ class Settings:
     # --- control plane ----------------------------------------------------
     control_plane_address: str = "127.0.0.1:50051"
     policy: str = "least-loaded"
-    transfer_ttl_s: float = 60.0
-    """Transfers not reported consumed or failed within this are expired."""
+    transfer_ttl_s: float = 330.0
+    """Transfers not reported consumed or failed within this are expired;
+    longer than request_timeout_s, so a running decode never counts as gone."""
 
     # --- router -----------------------------------------------------------
     http_port: int = 8000
@@ -133,6 +134,8 @@ def _validate(s: Settings) -> None:
         raise ValueError("lease_ttl_s must be >= 2 (the lease is refreshed every ttl/3 s)")
     if not 0 < s.kv_chunk_bytes <= 3 << 20:
         raise ValueError("kv_chunk_bytes must be in (0, 3 MiB]: gRPC refuses messages over 4 MiB")
+    if s.transfer_ttl_s <= s.request_timeout_s:
+        raise ValueError("transfer_ttl_s must exceed request_timeout_s, or running requests expire")
     if s.max_tokens_limit < 1 or s.default_max_tokens < 1:
         raise ValueError("max_tokens_limit and default_max_tokens must be >= 1")
 

@@ -43,6 +43,13 @@ def sampling_params(proto: common_pb2.SamplingParams, max_tokens: int, *, stream
     return SamplingParams(output_kind=kind, **kwargs)
 
 
+def is_input_error(exc: BaseException) -> bool:
+    """Whether vLLM refused a request for its input (the caller's fault)."""
+    from vllm.exceptions import VLLMClientError
+
+    return isinstance(exc, (VLLMClientError, ValueError))
+
+
 def finish_reason(reason: str | None) -> int:
     if reason == "stop":
         return common_pb2.FINISH_REASON_STOP

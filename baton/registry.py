@@ -84,19 +84,23 @@ class Registration:
         log.info("registered", key=self.key, address=self._record.address)
 
     async def _put(self) -> None:
-        self._lease = await self._client.lease(self._ttl_s)
-        await self._client.put(self._key, self._record.to_json(), lease=self._lease)
+        lease = await self._client.lease(self._ttl_s)
+        await self._client.put(self._key, self._record.to_json(), lease=lease)
+        # Only a lease that holds the key counts: if the put failed, the next
+        # round registers again instead of refreshing an empty lease.
+        self._lease = lease
 
     async def _keep_alive(self) -> None:
         interval = self._ttl_s / 3
         while True:
             await asyncio.sleep(interval)
             try:
-                response = await self._lease.refresh()
-                # TTL 0: the lease expired (etcd unreachable for too long);
+                response = await self._lease.refresh() if self._lease is not None else None
+                # No lease, or TTL 0 (expired while etcd was unreachable):
                 # register again instead of silently staying invisible.
-                if getattr(response, "TTL", 1) <= 0:
-                    log.warning("lease expired; registering again", key=self.key)
+                if response is None or getattr(response, "TTL", 1) <= 0:
+                    log.warning("not registered; registering again", key=self.key)
+                    self._lease = None
                     await self._put()
             except asyncio.CancelledError:
                 raise

@@ -46,9 +46,11 @@ async def run_worker(
     worker_id = settings.worker_id or f"{role}-{uuid.uuid4().hex[:8]}"
     setup_logging(f"{role}-worker", settings.log_level)
     setup_tracing(f"{role}-worker")
-    model_path = resolve_model(settings.model)
+    # Both block for long (model conversion, ~45 s engine start): keep the
+    # loop free for what already serves (the decode worker's KVTransfer).
+    model_path = await asyncio.to_thread(resolve_model, settings.model)
     name = served_name(settings, model_path)
-    engine = Engine.start(EngineOptions(
+    engine = await asyncio.to_thread(Engine.start, EngineOptions(
         model_path=str(model_path),
         served_model_name=name,
         kv_role=kv_role,

@@ -47,7 +47,8 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
         prefill = self._pick("prefill", request.model)
         if decode is None or prefill is None:
             missing = "decode" if decode is None else "prefill"
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
+            # Not UNAVAILABLE: that would mean the control plane itself is down.
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"no live {missing} worker serves model {request.model!r}")
         transfer = self._transfers.open(request.request_id, prefill.worker_id, decode.worker_id, time.monotonic())
         log.info("placed", prefill=prefill.worker_id, decode=decode.worker_id, transfer_id=transfer.transfer_id,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import grpc
 
-from baton.engine import Engine, finish_reason, sampling_params
+from baton.engine import Engine, finish_reason, is_input_error, sampling_params
 from baton.logs import bind_request, get_logger
 from baton.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from kv_transfer.params import ConsumerParams, LoadReport, parse
-from kv_transfer.staging import StagingStore
+from kv_transfer.staging import StagingStore, TransferState
 
 log = get_logger(__name__)
 
@@ -35,9 +35,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
         kv_params = None
         if request.transfer_id:
             kv_params = ConsumerParams(request.transfer_id, len(request.prompt_token_ids)).to_dict()
-        params = sampling_params(request.sampling, request.sampling.max_tokens, stream=True)
         report: LoadReport | None = None
         try:
+            params = sampling_params(request.sampling, request.sampling.max_tokens, stream=True)
             async for output in self._engine.generate(prompt, params, request.request_id, kv_params):
                 completion = output.outputs[0]
                 message = decode_pb2.DecodeResponse(
@@ -48,8 +48,15 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
                     report = parsed if isinstance(parsed, LoadReport) else None
                     message.kv.CopyFrom(self._load_stats(request.transfer_id, report))
                 yield message
-        except ValueError as exc:
+        except Exception as exc:
+            if not is_input_error(exc):
+                raise
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        finally:
+            # KV staged for this request and not loaded (aborted before it was
+            # scheduled, or a local prefix hit) would wait for its TTL.
+            if request.transfer_id and not (report and report.external_tokens):
+                self._store.discard(request.transfer_id)
         log.info("decode done", transfer_id=request.transfer_id,
                  external_tokens=report.external_tokens if report else 0,
                  recomputed=bool(report and report.failed))
@@ -58,7 +65,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
         if not transfer_id or report is None:
             return common_pb2.KVLoadStats()
         record = self._store.record(transfer_id)
-        fetched = record.bytes if record and record.state.value == "consumed" else 0
+        fetched = record.bytes if record and record.state is TransferState.CONSUMED else 0
         return common_pb2.KVLoadStats(
             transfer_id=transfer_id,
             external_tokens=report.external_tokens,

@@ -7,7 +7,7 @@ import grpc
 from baton.logs import get_logger
 from baton.v1 import kv_transfer_pb2 as pb
 from baton.v1 import kv_transfer_pb2_grpc as pb_grpc
-from kv_transfer.staging import StagingFull, StagingStore, TransferUnavailable
+from kv_transfer.staging import StagingFull, StagingStore, TransferState, TransferUnavailable
 from kv_transfer.wire import WireError, chunk_layer
 
 log = get_logger(__name__)
@@ -47,7 +47,7 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
             # The producer went away mid-stream (cancel, crash): the partial
             # transfer is failed at once, so the consumer recomputes without
             # waiting for its timeout.
-            if staged is not None and staged.state.value == "receiving":
+            if staged is not None and staged.state is TransferState.RECEIVING:
                 self._store.fail(staged, "push interrupted")
         log.info("kv staged", transfer_id=staged.header.transfer_id, bytes=staged.nbytes,
                  tokens=staged.header.num_tokens)
@@ -79,4 +79,5 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
             fetched_total=c["fetched"],
             expired_total=c["expired"],
             rejected_total=c["rejected"],
+            failed_total=c["failed"],
         )

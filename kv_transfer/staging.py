@@ -13,10 +13,10 @@ import asyncio
 import enum
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from baton.v1 import kv_transfer_pb2 as pb
-from kv_transfer.wire import WireError, check_chunk, layer_payload_bytes
+from kv_transfer.wire import WIRE_VERSION, WireError, check_chunk, layer_payload_bytes
 
 
 class TransferState(enum.Enum):
@@ -46,7 +46,6 @@ class StagedTransfer:
     created_s: float  # time.monotonic()
     state: TransferState = TransferState.RECEIVING
     reason: str = ""
-    done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def nbytes(self) -> int:
@@ -90,6 +89,9 @@ class StagingStore:
         tid = header.transfer_id
         if not tid:
             raise WireError("header without transfer_id")
+        if header.wire_version != WIRE_VERSION:
+            raise WireError(f"KV wire version {header.wire_version}, this worker speaks {WIRE_VERSION}: "
+                            "run the same Baton version on prefill and decode workers")
         if tid in self._staged or tid in self._history:
             past = self._history.get(tid)
             if past is not None and past.reason == "discarded":
@@ -116,12 +118,16 @@ class StagingStore:
     def add(self, staged: StagedTransfer, data: pb.KVData) -> None:
         if staged.state is not TransferState.RECEIVING:
             raise WireError(f"transfer {staged.header.transfer_id} is {staged.state.value}")
+        if data.layer_index >= len(staged.received):
+            raise WireError(f"layer index {data.layer_index} out of range ({len(staged.received)} layers)")
         check_chunk(staged.header, data, staged.received[data.layer_index])
         end = data.offset + len(data.data)
         staged.layers[data.layer_index][data.offset:end] = data.data
         staged.received[data.layer_index] = end
 
     def complete(self, staged: StagedTransfer) -> None:
+        if staged.state is not TransferState.RECEIVING:  # expired or discarded meanwhile
+            raise WireError(f"transfer {staged.header.transfer_id} is {staged.state.value}")
         expected = layer_payload_bytes(staged.header)
         short = [i for i, n in enumerate(staged.received) if n != expected]
         if short:
@@ -129,7 +135,6 @@ class StagingStore:
             raise WireError(f"incomplete push: layers {short[:5]} short")
         staged.state = TransferState.COMPLETE
         self.counters["received"] += 1
-        staged.done.set()
         self._wake(staged.header.transfer_id)
 
     def fail(self, staged: StagedTransfer, reason: str) -> None:
@@ -197,7 +202,6 @@ class StagingStore:
         staged.reason = reason
         self._staged.pop(tid, None)
         self._remember(tid, state, staged.header.num_tokens, staged.nbytes, reason)
-        staged.done.set()
         self._wake(tid)
 
     def _remember(self, tid: str, state: TransferState, num_tokens: int, nbytes: int, reason: str) -> None:

@@ -65,7 +65,7 @@ def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
 def layer_payload_bytes(header: pb.KVHeader) -> int:
     itemsize = DTYPE_BYTES.get(header.dtype)
     if itemsize is None:
-        raise ValueError(f"unsupported KV dtype {header.dtype!r}")
+        raise WireError(f"unsupported KV dtype {header.dtype!r}")
     n = itemsize * header.num_blocks
     for dim in header.block_shape:
         n *= dim

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import grpc
 
-from baton.engine import Engine, finish_reason, sampling_params
+from baton.engine import Engine, finish_reason, is_input_error, sampling_params
 from baton.logs import bind_request, get_logger
 from baton.telemetry import inject_headers
 from baton.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
@@ -30,13 +30,15 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "transfer_id given without kv_target")
             kv_params = ProducerParams(request.transfer_id, request.kv_target,
                                        inject_headers().get("traceparent", "")).to_dict()
-        params = sampling_params(request.sampling, 1, stream=False)
         final = None
         try:
+            params = sampling_params(request.sampling, 1, stream=False)
             async for output in self._engine.generate(list(request.prompt_token_ids), params,
                                                       request.request_id, kv_params):
                 final = output
-        except ValueError as exc:  # vLLM's input validation (e.g. prompt too long)
+        except Exception as exc:
+            if not is_input_error(exc):
+                raise
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         completion = final.outputs[0]
         reason = finish_reason(completion.finish_reason)

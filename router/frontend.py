@@ -3,10 +3,10 @@ through the pipeline with metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from baton.errors import BatonError
 from router import requests as gen_requests
 from router.metrics import Metrics
 from router.pipeline import Delta, Pipeline
@@ -44,11 +44,11 @@ class Frontend:
             async for delta in self.pipeline.generate(gen):
                 self.metrics.completion_tokens.inc(len(delta.token_ids))
                 yield delta
-        except BatonError:
-            outcome = "error"
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
             raise
         except BaseException:
-            outcome = "cancelled"
+            outcome = "error"
             raise
         finally:
             self.metrics.requests.labels(api=api, outcome=outcome).inc()

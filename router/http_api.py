@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -80,7 +82,7 @@ def create_app(frontend: Frontend) -> FastAPI:
         except ValueError as exc:
             raise ClientError(str(exc), param="messages") from None
         gen = await frontend.prepare_chat(body, messages)
-        return await _respond(frontend, gen, body, chat=True)
+        return await _respond(request, frontend, gen, body, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -90,18 +92,41 @@ def create_app(frontend: Frontend) -> FastAPI:
         except ValueError as exc:
             raise ClientError(str(exc), param="prompt") from None
         gen = await frontend.prepare_completion(body, prompt)
-        return await _respond(frontend, gen, body, chat=False)
+        return await _respond(request, frontend, gen, body, chat=False)
 
     return app
 
 
-async def _respond(frontend: Frontend, gen: gen_requests.GenerationRequest, body, *, chat: bool):
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _respond(request: Request, frontend: Frontend, gen: gen_requests.GenerationRequest, body, *,
+                   chat: bool):
     bind_request(gen.request_id)
+    if body.stream:  # Starlette cancels the stream when the client goes away
+        return StreamingResponse(_stream(frontend, gen, body, chat, int(time.time())),
+                                 media_type="text/event-stream")
+    # A plain response is not cancelled on disconnect: race it against the
+    # client, so nobody's abandoned request keeps the workers busy.
+    answer = asyncio.create_task(_complete(frontend, gen, body, chat))
+    gone = asyncio.create_task(_until_disconnected(request))
+    await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if not answer.done():
+        answer.cancel()
+        log.info("client disconnected; request cancelled")
+        with contextlib.suppress(asyncio.CancelledError):
+            await answer
+        return Response(status_code=499)
+    gone.cancel()
+    return answer.result()
+
+
+async def _complete(frontend: Frontend, gen: gen_requests.GenerationRequest, body, chat: bool) -> JSONResponse:
     created = int(time.time())
     kind = "chat.completion" if chat else "text_completion"
     api = "chat" if chat else "completions"
-    if body.stream:
-        return StreamingResponse(_stream(frontend, gen, body, chat, created), media_type="text/event-stream")
     text, n_tokens, reason, kv = [], 0, None, None
     async for delta in frontend.run(gen, api):
         text.append(delta.text)

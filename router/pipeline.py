@@ -89,7 +89,7 @@ class Pipeline:
                 control_plane_pb2.ScheduleRequest(request_id=request.request_id, model=self._model_name,
                                                   prompt_tokens=len(request.prompt_token_ids)), timeout=5)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE or "no live" in (exc.details() or ""):
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:  # reachable, but it said no
                 raise from_rpc_error(exc, "control plane") from exc
             log.warning("control plane unreachable; placing locally", error=exc.details())
             return self._fallback_placement()
@@ -116,51 +116,63 @@ class Pipeline:
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         started = time.monotonic()
         placement = await self._schedule(request)
-        max_tokens = request.sampling.max_tokens
         # A one-token answer needs no decode, so nothing to hand over.
-        transfer_id = placement.transfer_id if max_tokens > 1 else ""
-        prefill = prefill_pb2_grpc.PrefillWorkerStub(self._channels.get(placement.prefill.address))
-        first: prefill_pb2.PrefillResponse | None = None
+        pushed_id = placement.transfer_id if request.sampling.max_tokens > 1 else ""
+        transfer_id = pushed_id
+        handed_to_decode = False
         try:
-            first = await prefill.Prefill(prefill_pb2.PrefillRequest(
+            first = await self._prefill(request, placement, pushed_id)
+            if first is None:  # prefill worker unreachable: decode prefills locally
+                if pushed_id:
+                    self._in_background(self._discard(placement.decode.kv_address, pushed_id))
+                transfer_id = ""
+            else:
+                self._metrics.ttft.observe(time.monotonic() - started)
+                done = (first.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+                        or request.sampling.max_tokens == 1)
+                reason = _FINISH.get(first.finish_reason, "length") if done else None
+                yield Delta(first.first_token_text, [first.first_token_id], reason)
+                if done:
+                    return
+            handed_to_decode = True
+            async for delta in self._decode(request, placement, first, transfer_id, started):
+                yield delta
+            log.info("request finished", prefill=placement.prefill.worker_id,
+                     decode=placement.decode.worker_id, transfer_id=transfer_id,
+                     seconds=round(time.monotonic() - started, 3))
+        finally:
+            # Ended before decode (first token was the last, prefill failed,
+            # client gone): close the transfer and free any KV already pushed.
+            if not handed_to_decode:
+                if pushed_id:
+                    self._in_background(self._discard(placement.decode.kv_address, pushed_id))
+                self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
+                             detail="ended before decode")
+
+    async def _prefill(self, request: GenerationRequest, placement: control_plane_pb2.Placement,
+                       transfer_id: str) -> prefill_pb2.PrefillResponse | None:
+        """The first token, or None when the prefill worker is unreachable."""
+        prefill = prefill_pb2_grpc.PrefillWorkerStub(self._channels.get(placement.prefill.address))
+        try:
+            return await prefill.Prefill(prefill_pb2.PrefillRequest(
                 request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
                 sampling=request.sampling, transfer_id=transfer_id,
                 kv_target=placement.decode.kv_address if transfer_id else ""), timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc, f"prefill worker {placement.prefill.worker_id}")
             if not isinstance(error, RetryableError):
-                self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
-                                   detail=error.message)
                 raise error from exc
             log.warning("prefill failed; decode worker prefills locally", error=error.message)
-            transfer_id = ""
-        if first is not None:
-            self._metrics.ttft.observe(time.monotonic() - started)
-            done = first.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED or max_tokens == 1
-            reason = _FINISH.get(first.finish_reason, "length") if done else None
-            yield Delta(first.first_token_text, [first.first_token_id], reason)
-            if done:
-                if transfer_id:
-                    self._in_background(self._discard(placement.decode.kv_address, transfer_id))
-                self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
-                                   detail="generation ended at the first token")
-                return
-        async for delta in self._decode(request, placement, first, transfer_id, started):
-            yield delta
-        log.info("request finished", prefill=placement.prefill.worker_id, decode=placement.decode.worker_id,
-                 transfer_id=transfer_id, seconds=round(time.monotonic() - started, 3))
+            return None
 
     async def _decode(self, request, placement, first, transfer_id, started) -> AsyncIterator[Delta]:
         decode = decode_pb2_grpc.DecodeWorkerStub(self._channels.get(placement.decode.address))
-        sampling = common_pb2.SamplingParams()
-        sampling.CopyFrom(request.sampling)
         message = decode_pb2.DecodeRequest(request_id=request.request_id,
                                            prompt_token_ids=request.prompt_token_ids,
-                                           sampling=sampling, transfer_id=transfer_id)
-        if first is not None:
-            sampling.max_tokens -= 1
+                                           sampling=request.sampling, transfer_id=transfer_id)
+        if first is not None:  # continue from prompt + first token
             message.first_token_id = first.first_token_id
-            message.sampling.CopyFrom(sampling)
+            message.sampling.max_tokens -= 1
         outcome = common_pb2.KVLoadStats(transfer_id=transfer_id)
         ttft_pending = first is None  # local prefill: the first token comes from decode
         finished = False

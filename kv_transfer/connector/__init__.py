@@ -68,10 +68,10 @@ class BatonConnector(KVConnectorBase_V1):
         transfer = vllm_config.kv_transfer_config
         options = ConnectorOptions.from_extra(transfer.kv_connector_extra_config)
         block_size = vllm_config.cache_config.block_size
-        self._scheduler: BatonSchedulerSide | None = None
-        self._worker: BatonWorkerSide | None = None
+        self._scheduler_side: BatonSchedulerSide | None = None
+        self._worker_side: BatonWorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler = BatonSchedulerSide(block_size)
+            self._scheduler_side = BatonSchedulerSide(block_size)
             return
         from kv_transfer.transport.grpc_stream import GrpcStreamReceiver, GrpcStreamSender
 
@@ -81,10 +81,22 @@ class BatonConnector(KVConnectorBase_V1):
             if not options.fetch_address:
                 raise ValueError("BatonConnector: a kv_consumer needs kv_connector_extra_config.fetch_address")
             receiver = GrpcStreamReceiver(options.fetch_address)
-        self._worker = BatonWorkerSide(
+        self._worker_side = BatonWorkerSide(
             _model_signature(vllm_config), block_size, kv_cache_config.num_blocks,
             sender, receiver, options.fetch_timeout_ms,
         )
+
+    @property
+    def _worker(self) -> BatonWorkerSide:
+        if self._worker_side is None:
+            raise RuntimeError("BatonConnector: worker-side call on the scheduler-side instance")
+        return self._worker_side
+
+    @property
+    def _scheduler(self) -> BatonSchedulerSide:
+        if self._scheduler_side is None:
+            raise RuntimeError("BatonConnector: scheduler-side call on a worker-side instance")
+        return self._scheduler_side
 
     # --- worker side ------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -113,13 +125,9 @@ class BatonConnector(KVConnectorBase_V1):
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         return self._worker.transfer_results()
 
-    def get_finished(self, finished_req_ids: set[str]):
-        results = self._worker.transfer_results()
-        return None, results.finished_recving or None
-
     def shutdown(self) -> None:
-        if self._worker is not None:
-            self._worker.shutdown()
+        if self._worker_side is not None:
+            self._worker_side.shutdown()
 
     # --- scheduler side ---------------------------------------------------
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):

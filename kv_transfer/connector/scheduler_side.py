@@ -33,14 +33,17 @@ class BatonSchedulerSide:
         self._claimed: set[str] = set()  # consumer requests whose transfer was claimed
         self._failed: set[str] = set()
 
+    @staticmethod
+    def _remote_tokens(request: Request, params: ConsumerParams) -> int:
+        # The decode prompt is the prefill prompt plus the first token, so at
+        # least that token is always computed locally and yields logits.
+        return min(params.remote_tokens, request.num_prompt_tokens - 1)
+
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         params = parse(request.kv_transfer_params)
         if not isinstance(params, ConsumerParams) or request.request_id in self._claimed:
             return 0, False
-        # The decode prompt is the prefill prompt plus the first token, so at
-        # least that token is always computed locally and yields logits.
-        remote = min(params.remote_tokens, request.num_prompt_tokens - 1)
-        count = remote - num_computed_tokens
+        count = self._remote_tokens(request, params) - num_computed_tokens
         return (count, True) if count > 0 else (0, False)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
@@ -49,7 +52,7 @@ class BatonSchedulerSide:
             self._pushes[request.request_id] = _PendingPush(params, request.num_prompt_tokens, [])
         elif isinstance(params, ConsumerParams) and num_external_tokens > 0:
             self._claimed.add(request.request_id)
-            remote = min(params.remote_tokens, request.num_prompt_tokens - 1)
+            remote = self._remote_tokens(request, params)
             local_tokens = remote - num_external_tokens  # prefix-cache hit, whole blocks
             first_block = local_tokens // self.block_size
             last_block = blocks_for_tokens(remote, self.block_size)
@@ -73,7 +76,10 @@ class BatonSchedulerSide:
             if pending is None:
                 continue
             new_ids = cached.new_block_ids[i]
-            if new_ids is not None:
+            if req_id in cached.resumed_req_ids:
+                # Resumed after preemption: vLLM sends the full new block list.
+                pending.block_ids = list(new_ids[0]) if new_ids is not None else []
+            elif new_ids is not None:
                 pending.block_ids.extend(new_ids[0])
             self._maybe_save(meta, req_id, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
         return meta
@@ -89,7 +95,9 @@ class BatonSchedulerSide:
         del self._pushes[req_id]
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        self._failed.update(getattr(connector_output, "failed_recving", None) or ())
+        # Only requests still loading: one aborted meanwhile is already finished.
+        failed = getattr(connector_output, "failed_recving", None) or ()
+        self._failed.update(req_id for req_id in failed if req_id in self._loading)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id

@@ -72,6 +72,12 @@ def test_wrong_types(stack, field, value):
     assert_openai_error(post(stack, "/chat/completions", json=body), 400)
 
 
+@pytest.mark.parametrize("field,value", [("stop", [""]), ("stop", ""), ("seed", 2**64)])
+def test_values_the_engine_would_refuse(stack, field, value):
+    body = {"model": stack.model_name, "messages": CHAT, field: value}
+    assert_openai_error(post(stack, "/chat/completions", json=body), 400, field)
+
+
 def test_missing_model(stack):
     assert_openai_error(post(stack, "/chat/completions", json={"messages": CHAT}), 400, "model")
 

@@ -24,6 +24,8 @@ def test_settings_reject_typos_and_bad_values(tmp_path):
         load_settings(env={"BATON_HTTP_PORT": "eighty"})
     with pytest.raises(ValueError, match="4 MiB"):
         load_settings({"kv_chunk_bytes": 8 << 20}, env={})
+    with pytest.raises(ValueError, match="transfer_ttl_s"):
+        load_settings({"transfer_ttl_s": 10}, env={})
 
 
 def test_default_max_tokens_fits_the_context():
@@ -33,6 +35,7 @@ def test_default_max_tokens_fits_the_context():
 
 
 @pytest.mark.parametrize("kwargs,param", [
+    ({"stop": [""]}, "stop"), ({"seed": 2**63}, "seed"),
     ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 51}, "max_tokens"), ({"max_tokens": 30}, "max_tokens"),
     ({"temperature": 3.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
 ])

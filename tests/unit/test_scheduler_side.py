@@ -23,8 +23,13 @@ class FakeBlocks:
         return (self.ids,)
 
 
+def cached_reqs(req_ids=(), new_block_ids=(), num_computed_tokens=(), resumed=()):
+    return SimpleNamespace(req_ids=list(req_ids), new_block_ids=list(new_block_ids),
+                           num_computed_tokens=list(num_computed_tokens), resumed_req_ids=set(resumed))
+
+
 def output(new=(), cached=None, scheduled=None):
-    cached = cached or SimpleNamespace(req_ids=[], new_block_ids=[], num_computed_tokens=[])
+    cached = cached or cached_reqs()
     return SimpleNamespace(scheduled_new_reqs=list(new), scheduled_cached_reqs=cached,
                            num_scheduled_tokens=scheduled or {})
 
@@ -38,10 +43,22 @@ def test_producer_pushes_once_the_whole_prompt_is_computed():
         new=[SimpleNamespace(req_id="r", block_ids=([7, 8],), num_computed_tokens=0)], scheduled={"r": 8}))
     assert meta.saves == []
     meta = side.build_connector_meta(output(
-        cached=SimpleNamespace(req_ids=["r"], new_block_ids=[([9],)], num_computed_tokens=[8]), scheduled={"r": 2}))
+        cached=cached_reqs(["r"], [([9],)], [8]), scheduled={"r": 2}))
     (save,) = meta.saves
     assert save.block_ids == (7, 8, 9) and save.num_tokens == 10 and save.transfer_id == "t1"
     assert side.build_connector_meta(output()).saves == []
+
+
+def test_producer_pushes_the_new_blocks_of_a_resumed_request():
+    side = BatonSchedulerSide(block_size=4)
+    req = FakeRequest("r", 10, ProducerParams("t1", "decode:1").to_dict())
+    side.update_state_after_alloc(req, FakeBlocks([7, 8]), 0)
+    side.build_connector_meta(output(
+        new=[SimpleNamespace(req_id="r", block_ids=([7, 8],), num_computed_tokens=0)], scheduled={"r": 8}))
+    # preempted, then resumed from scratch on other blocks
+    meta = side.build_connector_meta(output(
+        cached=cached_reqs(["r"], [([4, 5, 6],)], [0], resumed=["r"]), scheduled={"r": 10}))
+    assert meta.saves[0].block_ids == (4, 5, 6)
 
 
 def test_consumer_loads_all_prompt_blocks_but_computes_the_first_token():
@@ -70,9 +87,10 @@ def test_a_failed_load_is_reported_as_recomputed():
     side = BatonSchedulerSide(block_size=4)
     req = FakeRequest("r", 5, ConsumerParams("t1", remote_tokens=4).to_dict())
     side.update_state_after_alloc(req, FakeBlocks([1, 2]), 4)
-    side.update_connector_output(SimpleNamespace(failed_recving={"r"}))
+    side.update_connector_output(SimpleNamespace(failed_recving={"r", "aborted-earlier"}))
     _, params = side.request_finished(req, [1, 2])
     assert parse(params) == LoadReport("t1", external_tokens=0, failed=True)
+    assert side._failed == set(), "failures of requests no longer tracked must not accumulate"
 
 
 def test_requests_without_baton_params_are_left_alone():
