@@ -3,6 +3,8 @@ prompt's KV loaded from the transfer (or recomputed if it never arrives)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from baton.engine import Engine, finish_reason, is_input_error, sampling_params
@@ -36,10 +38,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
         if request.transfer_id:
             kv_params = ConsumerParams(request.transfer_id, len(request.prompt_token_ids)).to_dict()
         report: LoadReport | None = None
+        produced = 0
         try:
             params = sampling_params(request.sampling, request.sampling.max_tokens, stream=True)
             async for output in self._engine.generate(prompt, params, request.request_id, kv_params):
                 completion = output.outputs[0]
+                produced += len(completion.token_ids)
                 message = decode_pb2.DecodeResponse(
                     text=completion.text, token_ids=list(completion.token_ids),
                     finish_reason=finish_reason(completion.finish_reason))
@@ -48,6 +52,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
                     report = parsed if isinstance(parsed, LoadReport) else None
                     message.kv.CopyFrom(self._load_stats(request.transfer_id, report))
                 yield message
+        except asyncio.CancelledError:
+            # The caller went away; leaving generate() aborts the engine request.
+            log.info("decode cancelled", tokens=produced, transfer_id=request.transfer_id)
+            raise
         except Exception as exc:
             if not is_input_error(exc):
                 raise

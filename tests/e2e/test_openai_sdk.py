@@ -1,5 +1,6 @@
 """The official openai SDK, unmodified, against the router."""
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -80,3 +81,29 @@ def test_seed_makes_sampling_repeatable(openai_client, stack):
     first = sample(1234)
     assert sample(1234) == first
     assert len({first, sample(1), sample(2)}) > 1, "different seeds should not all sample the same text"
+
+
+def test_a_client_that_goes_away_cancels_its_decode(stack):
+    import httpx
+
+    from tests.e2e.conftest import wait_for
+
+    body = {"model": stack.model_name, "messages": QUESTION, "max_tokens": 1500, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{stack.http_base}/chat/completions", json=body, timeout=60) as response:
+        chunks = 0
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                request_id = json.loads(line[6:])["id"]
+                chunks += 1
+            if chunks >= 4:
+                break  # leaving the block closes the connection
+
+    def cancelled_record():
+        for line in (stack.log_dir / "decode-0.log").read_text(errors="replace").splitlines():
+            if line.startswith("{") and request_id in line and '"decode cancelled"' in line:
+                return json.loads(line)
+        return None
+
+    record = wait_for(cancelled_record, 30, "the decode worker to see the cancellation")
+    assert record["tokens"] < 1400, "the decode ran on after its client left"
