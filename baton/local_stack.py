@@ -167,7 +167,10 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
             stopping = True
             raise KeyboardInterrupt
 
+    # Both explicitly: a shell starting us in the background leaves SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt for Ctrl-C.
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     print(f"baton: starting etcd, control plane, router, {args.prefill} prefill and {args.decode} decode "
           f"worker(s); logs in {log_dir}", flush=True)
     try:

