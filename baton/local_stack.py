@@ -81,7 +81,8 @@ class LocalStack:
 
     def start(self, embedded_etcd: bool) -> None:
         if embedded_etcd:
-            self.etcd = EmbeddedEtcd(self.settings.host).start()
+            # etcd's usual port when free, so `baton status` finds it unasked.
+            self.etcd = EmbeddedEtcd(self.settings.host, prefer_port=2379).start()
             self.etcd_endpoint = self.etcd.endpoint
         common = self._common()
         self._spawn("control-plane", ["control-plane", *common, "--policy", self.settings.policy])
@@ -183,7 +184,8 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
               f"baton: try  curl {base}/chat/completions -H 'Content-Type: application/json' "
               f"-d '{{\"model\": \"{_model_name(settings)}\", \"messages\": "
               f"[{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'\n"
-              f"baton: Ctrl-C stops everything.", flush=True)
+              f"baton: `baton status --etcd {stack.etcd_endpoint} --control-plane {stack.control_plane}` "
+              f"lists the workers. Ctrl-C stops everything.", flush=True)
         while True:
             stack.check_children()
             time.sleep(1.0)
