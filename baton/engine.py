@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -103,8 +104,12 @@ class Engine:
 
         if kv_transfer_params is not None:
             params.extra_args = {"kv_transfer_params": kv_transfer_params}
-        async for output in self._llm.generate(TokensPrompt(prompt_token_ids=token_ids), params, request_id):
-            yield output
+        # aclosing: an early exit aborts the engine request at once, not when
+        # the generator happens to be garbage-collected.
+        stream = self._llm.generate(TokensPrompt(prompt_token_ids=token_ids), params, request_id)
+        async with contextlib.aclosing(stream):
+            async for output in stream:
+                yield output
 
     def shutdown(self) -> None:
         if self._llm is not None:

@@ -8,6 +8,7 @@ exporter, so trace ids exist and propagate to every hop and every log line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 
@@ -161,8 +162,10 @@ class ServerTraceInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_stream(request, context):
                 span = tracer_.start_span(span_name, context=parent, kind=trace.SpanKind.SERVER)
-                async for item in traced_stream(inner_stream(request, context), span, parent):
-                    yield item
+                # aclosing: a cancelled call closes the servicer's stream now.
+                async with contextlib.aclosing(traced_stream(inner_stream(request, context), span, parent)) as items:
+                    async for item in items:
+                        yield item
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer

@@ -4,6 +4,7 @@ prompt's KV loaded from the transfer (or recomputed if it never arrives)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 
@@ -41,19 +42,21 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
         produced = 0
         try:
             params = sampling_params(request.sampling, request.sampling.max_tokens, stream=True)
-            async for output in self._engine.generate(prompt, params, request.request_id, kv_params):
-                completion = output.outputs[0]
-                produced += len(completion.token_ids)
-                message = decode_pb2.DecodeResponse(
-                    text=completion.text, token_ids=list(completion.token_ids),
-                    finish_reason=finish_reason(completion.finish_reason))
-                if output.finished:
-                    parsed = parse(output.kv_transfer_params)
-                    report = parsed if isinstance(parsed, LoadReport) else None
-                    message.kv.CopyFrom(self._load_stats(request.transfer_id, report))
-                yield message
-        except asyncio.CancelledError:
-            # The caller went away; leaving generate() aborts the engine request.
+            async with contextlib.aclosing(
+                    self._engine.generate(prompt, params, request.request_id, kv_params)) as outputs:
+                async for output in outputs:
+                    completion = output.outputs[0]
+                    produced += len(completion.token_ids)
+                    message = decode_pb2.DecodeResponse(
+                        text=completion.text, token_ids=list(completion.token_ids),
+                        finish_reason=finish_reason(completion.finish_reason))
+                    if output.finished:
+                        parsed = parse(output.kv_transfer_params)
+                        report = parsed if isinstance(parsed, LoadReport) else None
+                        message.kv.CopyFrom(self._load_stats(request.transfer_id, report))
+                    yield message
+        except (asyncio.CancelledError, GeneratorExit):
+            # The caller went away; closing the engine stream aborts its request.
             log.info("decode cancelled", tokens=produced, transfer_id=request.transfer_id)
             raise
         except Exception as exc:

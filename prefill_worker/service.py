@@ -3,6 +3,8 @@ engine's connector pushes the prompt's KV to the decode worker."""
 
 from __future__ import annotations
 
+import contextlib
+
 import grpc
 
 from baton.engine import Engine, finish_reason, is_input_error, sampling_params
@@ -33,9 +35,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
         final = None
         try:
             params = sampling_params(request.sampling, 1, stream=False)
-            async for output in self._engine.generate(list(request.prompt_token_ids), params,
-                                                      request.request_id, kv_params):
-                final = output
+            async with contextlib.aclosing(self._engine.generate(
+                    list(request.prompt_token_ids), params, request.request_id, kv_params)) as outputs:
+                async for output in outputs:
+                    final = output
         except Exception as exc:
             if not is_input_error(exc):
                 raise

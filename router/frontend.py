@@ -4,6 +4,7 @@ through the pipeline with metrics."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -41,9 +42,10 @@ class Frontend:
         self.metrics.prompt_tokens.inc(len(gen.prompt_token_ids))
         outcome = "ok"
         try:
-            async for delta in self.pipeline.generate(gen):
-                self.metrics.completion_tokens.inc(len(delta.token_ids))
-                yield delta
+            async with contextlib.aclosing(self.pipeline.generate(gen)) as deltas:
+                async for delta in deltas:
+                    self.metrics.completion_tokens.inc(len(delta.token_ids))
+                    yield delta
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"
             raise

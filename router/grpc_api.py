@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import grpc
 
 from baton.errors import BatonError, ClientError
@@ -47,15 +49,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             gen = await self._prepare(request)
             bind_request(gen.request_id)
             produced = 0
-            async for delta in self._frontend.run(gen, "grpc"):
-                produced += len(delta.token_ids)
-                message = inference_pb2.GenerateResponse(
-                    request_id=gen.request_id, text=delta.text, token_ids=delta.token_ids,
-                    finish_reason=_FINISH.get(delta.finish_reason or "", common_pb2.FINISH_REASON_UNSPECIFIED),
-                    prompt_tokens=len(gen.prompt_token_ids), completion_tokens=produced)
-                if delta.kv is not None:
-                    message.kv.CopyFrom(delta.kv)
-                yield message
+            async with contextlib.aclosing(self._frontend.run(gen, "grpc")) as deltas:
+                async for delta in deltas:
+                    produced += len(delta.token_ids)
+                    message = inference_pb2.GenerateResponse(
+                        request_id=gen.request_id, text=delta.text, token_ids=delta.token_ids,
+                        finish_reason=_FINISH.get(delta.finish_reason or "", common_pb2.FINISH_REASON_UNSPECIFIED),
+                        prompt_tokens=len(gen.prompt_token_ids), completion_tokens=produced)
+                    if delta.kv is not None:
+                        message.kv.CopyFrom(delta.kv)
+                    yield message
         except BatonError as exc:
             await context.abort(exc.grpc_code, exc.message)
 

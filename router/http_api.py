@@ -128,11 +128,12 @@ async def _complete(frontend: Frontend, gen: gen_requests.GenerationRequest, bod
     kind = "chat.completion" if chat else "text_completion"
     api = "chat" if chat else "completions"
     text, n_tokens, reason, kv = [], 0, None, None
-    async for delta in frontend.run(gen, api):
-        text.append(delta.text)
-        n_tokens += len(delta.token_ids)
-        reason = delta.finish_reason or reason
-        kv = delta.kv or kv
+    async with contextlib.aclosing(frontend.run(gen, api)) as deltas:
+        async for delta in deltas:
+            text.append(delta.text)
+            n_tokens += len(delta.token_ids)
+            reason = delta.finish_reason or reason
+            kv = delta.kv or kv
     usage = {"prompt_tokens": len(gen.prompt_token_ids), "completion_tokens": n_tokens,
              "total_tokens": len(gen.prompt_token_ids) + n_tokens}
     content = "".join(text)
@@ -163,15 +164,16 @@ async def _stream(frontend: Frontend, gen, body, chat: bool, created: int) -> As
                                           "finish_reason": None}]})
     n_tokens = 0
     try:
-        async for delta in frontend.run(gen, api):
-            n_tokens += len(delta.token_ids)
-            choice = ({"index": 0, "delta": {"content": delta.text}, "finish_reason": delta.finish_reason}
-                      if chat else {"index": 0, "text": delta.text, "finish_reason": delta.finish_reason,
-                                    "logprobs": None})
-            chunk = {**base, "choices": [choice]}
-            if delta.kv is not None:
-                chunk["kv_transfer"] = _kv_json(delta.kv)
-            yield event(chunk)
+        async with contextlib.aclosing(frontend.run(gen, api)) as deltas:
+            async for delta in deltas:
+                n_tokens += len(delta.token_ids)
+                choice = ({"index": 0, "delta": {"content": delta.text}, "finish_reason": delta.finish_reason}
+                          if chat else {"index": 0, "text": delta.text, "finish_reason": delta.finish_reason,
+                                        "logprobs": None})
+                chunk = {**base, "choices": [choice]}
+                if delta.kv is not None:
+                    chunk["kv_transfer"] = _kv_json(delta.kv)
+                yield event(chunk)
     except BatonError as exc:
         # Headers are already sent: OpenAI streams report errors as an event.
         log.warning("stream failed", error=exc.message)

@@ -135,8 +135,9 @@ class Pipeline:
                 if done:
                     return
             handed_to_decode = True
-            async for delta in self._decode(request, placement, first, transfer_id, started):
-                yield delta
+            async with contextlib.aclosing(self._decode(request, placement, first, transfer_id, started)) as deltas:
+                async for delta in deltas:
+                    yield delta
             log.info("request finished", prefill=placement.prefill.worker_id,
                      decode=placement.decode.worker_id, transfer_id=transfer_id,
                      seconds=round(time.monotonic() - started, 3))
@@ -176,8 +177,9 @@ class Pipeline:
         outcome = common_pb2.KVLoadStats(transfer_id=transfer_id)
         ttft_pending = first is None  # local prefill: the first token comes from decode
         finished = False
+        call = decode.Decode(message, timeout=self._timeout_s)
         try:
-            async for item in decode.Decode(message, timeout=self._timeout_s):
+            async for item in call:
                 if ttft_pending and item.token_ids:
                     ttft_pending = False
                     self._metrics.ttft.observe(time.monotonic() - started)
@@ -190,6 +192,9 @@ class Pipeline:
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, f"decode worker {placement.decode.worker_id}") from exc
         finally:
+            # Closed early (client gone): cancel now, not when the call is
+            # garbage-collected, so the decode worker stops generating.
+            call.cancel()
             consumed = finished and outcome.external_tokens > 0 and not outcome.recomputed
             self._report(
                 placement.transfer_id,
