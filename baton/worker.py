@@ -61,7 +61,8 @@ async def run_worker(
         kv_cache_gib=settings.kv_cache_gib,
         gpu_memory_utilization=settings.gpu_memory_utilization,
     ))
-    server, port, _ = await start_server(f"{role}-worker", make_bindings(engine), settings.host, settings.grpc_port)
+    server, port, health = await start_server(f"{role}-worker", make_bindings(engine), settings.host,
+                                              settings.grpc_port)
     record = WorkerRecord(worker_id=worker_id, role=role, address=advertised(settings, port),
                           model=name, kv_address=kv_address)
     registration = Registration(settings.etcd_endpoint, settings.etcd_prefix, record, settings.lease_ttl_s)
@@ -71,6 +72,7 @@ async def run_worker(
         await wait_for_signal()
     finally:
         log.info("worker stopping", worker_id=worker_id)
+        await health.enter_graceful_shutdown()  # health checks now say NOT_SERVING
         await registration.stop()
         await server.stop(grace=5)
         with contextlib.suppress(Exception):
