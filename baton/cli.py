@@ -39,6 +39,11 @@ _ROUTER_FLAGS: list[tuple[str, str, type, str]] = [
 _CONTROL_PLANE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--policy", "policy", str, "placement policy: least-loaded, round-robin"),
 ]
+_UP_FLAGS = _COMMON_FLAGS + _CONTROL_PLANE_FLAGS + [
+    ("--http-port", "http_port", int, "OpenAI-compatible HTTP port"),
+    ("--router-grpc-port", "router_grpc_port", int, "public gRPC Inference port"),
+    ("--kv-cache-gib", "kv_cache_gib", int, "CPU build: KV cache space of each engine in GiB"),
+]
 
 
 def _add(parser: argparse.ArgumentParser, flags) -> None:
@@ -56,12 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="run etcd, control plane, router and workers locally")
-    _add(up, _COMMON_FLAGS + _CONTROL_PLANE_FLAGS + [f for f in _ROUTER_FLAGS if f[0] == "--http-port"])
+    _add(up, _UP_FLAGS)
     up.add_argument("--prefill", type=int, default=1, help="number of prefill workers")
     up.add_argument("--decode", type=int, default=1, help="number of decode workers")
-    up.add_argument("--router-grpc-port", dest="router_grpc_port", type=int, default=None,
-                    help="public gRPC Inference port")
-    up.add_argument("--kv-cache-gib", dest="kv_cache_gib", type=int, default=None)
     up.add_argument("--log-dir", default=None, help="where service logs go (default: a new run folder)")
 
     # The control plane binds the port of --control-plane host:port.
@@ -93,8 +95,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "up":
         from baton.local_stack import run_up
 
-        return run_up(args, _settings(args, _COMMON_FLAGS + _CONTROL_PLANE_FLAGS + [
-            ("", "http_port", int, ""), ("", "router_grpc_port", int, ""), ("", "kv_cache_gib", int, "")]))
+        return run_up(args, _settings(args, _UP_FLAGS))
     if args.command == "control-plane":
         from control_plane.main import serve
 
