@@ -196,6 +196,10 @@ class Pipeline:
             # garbage-collected, so the decode worker stops generating.
             call.cancel()
             consumed = finished and outcome.external_tokens > 0 and not outcome.recomputed
+            if transfer_id and not finished:
+                # Gone before the decode worker took the KV (or while it
+                # did): free it there now rather than at its staging TTL.
+                self._in_background(self._discard(placement.decode.kv_address, transfer_id))
             self._report(
                 placement.transfer_id,
                 control_plane_pb2.TRANSFER_OUTCOME_CONSUMED if consumed else control_plane_pb2.TRANSFER_OUTCOME_FAILED,
