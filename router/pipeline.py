@@ -94,6 +94,24 @@ class Pipeline:
             log.warning("control plane unreachable; placing locally", error=exc.details())
             return self._fallback_placement()
 
+    async def _schedule_shielded(self, request: GenerationRequest) -> control_plane_pb2.Placement:
+        """Schedule; if the client leaves meanwhile, the placement may still
+        be made: close its transfer once it lands, so it does not count as
+        load until it expires."""
+        scheduling = asyncio.ensure_future(self._schedule(request))
+        try:
+            return await asyncio.shield(scheduling)
+        except asyncio.CancelledError:
+            def close_orphan(task: asyncio.Task) -> None:
+                if not task.cancelled() and task.exception() is None:
+                    self._report(task.result().transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
+                                 detail="client left while being scheduled")
+
+            scheduling.add_done_callback(close_orphan)
+            self._background.add(scheduling)
+            scheduling.add_done_callback(self._background.discard)
+            raise
+
     def _fallback_placement(self) -> control_plane_pb2.Placement:
         """Round-robin over the router's own registry view."""
         prefills, decodes = self._registry.by_role("prefill"), self._registry.by_role("decode")
@@ -115,7 +133,7 @@ class Pipeline:
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         started = time.monotonic()
-        placement = await self._schedule(request)
+        placement = await self._schedule_shielded(request)
         # A one-token answer needs no decode, so nothing to hand over.
         pushed_id = placement.transfer_id if request.sampling.max_tokens > 1 else ""
         transfer_id = pushed_id
