@@ -141,8 +141,7 @@ class Pipeline:
         try:
             first = await self._prefill(request, placement, pushed_id)
             if first is None:  # prefill worker unreachable: decode prefills locally
-                if pushed_id:
-                    self._in_background(self._discard(placement.decode.kv_address, pushed_id))
+                self._free_staged(placement, pushed_id)
                 transfer_id = ""
             else:
                 self._metrics.ttft.observe(time.monotonic() - started)
@@ -163,8 +162,7 @@ class Pipeline:
             # Ended before decode (first token was the last, prefill failed,
             # client gone): close the transfer and free any KV already pushed.
             if not handed_to_decode:
-                if pushed_id:
-                    self._in_background(self._discard(placement.decode.kv_address, pushed_id))
+                self._free_staged(placement, pushed_id)
                 self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
                              detail="ended before decode")
 
@@ -214,10 +212,10 @@ class Pipeline:
             # garbage-collected, so the decode worker stops generating.
             call.cancel()
             consumed = finished and outcome.external_tokens > 0 and not outcome.recomputed
-            if transfer_id and not finished:
+            if not finished:
                 # Gone before the decode worker took the KV (or while it
                 # did): free it there now rather than at its staging TTL.
-                self._in_background(self._discard(placement.decode.kv_address, transfer_id))
+                self._free_staged(placement, transfer_id)
             self._report(
                 placement.transfer_id,
                 control_plane_pb2.TRANSFER_OUTCOME_CONSUMED if consumed else control_plane_pb2.TRANSFER_OUTCOME_FAILED,
@@ -231,10 +229,13 @@ class Pipeline:
                                                   tokens=tokens, detail=detail)
         self._in_background(self._control_plane.ReportTransfer(report, timeout=5))
 
-    async def _discard(self, kv_address: str, transfer_id: str):
-        """Free KV staged for a decode that will not happen."""
-        stub = kv_transfer_pb2_grpc.KVTransferStub(self._channels.get(kv_address))
-        return await stub.Discard(kv_transfer_pb2.DiscardRequest(transfer_id=transfer_id), timeout=5)
+    def _free_staged(self, placement: control_plane_pb2.Placement, transfer_id: str) -> None:
+        """Free KV staged on the decode worker for a decode that will not
+        happen; a no-op there if it was already loaded or never pushed."""
+        if not transfer_id:
+            return
+        stub = kv_transfer_pb2_grpc.KVTransferStub(self._channels.get(placement.decode.kv_address))
+        self._in_background(stub.Discard(kv_transfer_pb2.DiscardRequest(transfer_id=transfer_id), timeout=5))
 
     def _in_background(self, call) -> None:
         """Bookkeeping must never fail or delay the answer: run it in the
