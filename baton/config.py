@@ -70,9 +70,9 @@ class Settings:
     # --- router -----------------------------------------------------------
     http_port: int = 8000
     router_grpc_port: int = 50052
-    max_tokens_limit: int = 4096
-    """Upper bound on a request's max_tokens (also bounded by the context)."""
-    default_max_tokens: int = 256
+    frontend_args: str = ""
+    """Extra `vllm serve` flags for the router's OpenAI frontend (vLLM's own),
+    e.g. "--chat-template t.jinja --tool-call-parser hermes --enable-auto-tool-choice"."""
     request_timeout_s: float = 300.0
 
 
@@ -136,8 +136,6 @@ def _validate(s: Settings) -> None:
         raise ValueError("kv_chunk_bytes must be in (0, 3 MiB]: gRPC refuses messages over 4 MiB")
     if s.transfer_ttl_s <= s.request_timeout_s:
         raise ValueError("transfer_ttl_s must exceed request_timeout_s, or running requests expire")
-    if s.max_tokens_limit < 1 or s.default_max_tokens < 1:
-        raise ValueError("max_tokens_limit and default_max_tokens must be >= 1")
 
 
 def advertised(settings: Settings, port: int) -> str:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from baton import device
+from baton import device, sampling
 from baton.logs import get_logger
 from baton.v1 import common_pb2
 
@@ -28,22 +28,6 @@ class EngineOptions:
     gpu_memory_utilization: float = 0.5
 
 
-def sampling_params(proto: common_pb2.SamplingParams, max_tokens: int, *, stream: bool):
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
-    kwargs: dict[str, Any] = {"max_tokens": max_tokens, "stop": list(proto.stop) or None,
-                              "ignore_eos": proto.ignore_eos}
-    if proto.HasField("temperature"):
-        kwargs["temperature"] = proto.temperature
-    if proto.HasField("top_p"):
-        kwargs["top_p"] = proto.top_p
-    if proto.HasField("seed"):
-        kwargs["seed"] = proto.seed
-    kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
-    return SamplingParams(output_kind=kind, **kwargs)
-
-
 def is_input_error(exc: BaseException) -> bool:
     """Whether vLLM refused a request for its input (the caller's fault)."""
     from vllm.exceptions import VLLMClientError
@@ -51,14 +35,20 @@ def is_input_error(exc: BaseException) -> bool:
     return isinstance(exc, (VLLMClientError, ValueError))
 
 
-def finish_reason(reason: str | None) -> int:
-    if reason == "stop":
-        return common_pb2.FINISH_REASON_STOP
-    if reason == "length":
-        return common_pb2.FINISH_REASON_LENGTH
-    if reason is None:
-        return common_pb2.FINISH_REASON_UNSPECIFIED
-    return common_pb2.FINISH_REASON_ABORT
+_FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
+
+
+def generated_tokens(completion, logprobs: int | None) -> common_pb2.GeneratedTokens:
+    """A worker's answer so far: token ids and logprobs, never text."""
+    reason = completion.finish_reason
+    message = common_pb2.GeneratedTokens(
+        token_ids=list(completion.token_ids),
+        logprobs=sampling.logprob_rows(completion.token_ids, completion.logprobs, logprobs),
+        finish_reason=(common_pb2.FINISH_REASON_UNSPECIFIED if reason is None
+                       else _FINISH.get(reason, common_pb2.FINISH_REASON_ABORT)))
+    if isinstance(completion.stop_reason, int):
+        message.stop_token_id = completion.stop_reason
+    return message
 
 
 class Engine:

@@ -1,13 +1,16 @@
 """Serving benchmark: Baton (1 prefill + 1 decode worker, one core each)
 against one plain vLLM OpenAI server on the same machine (the baseline),
-same load, same run.
+same load, same run, each measured by two clients: vLLM's own `vllm bench
+serve` (run as a module: the CPU build's console script is broken) and
+Baton's own client below, which must agree with it.
 
-    python -m bench.serve [--requests 24] [--rate 2] [--input-words 380] [--output-tokens 64]
+    python -m bench.serve [--requests 24] [--rate 2] [--input-len 512] [--output-tokens 64]
 
-Load: streaming chat completions with Poisson arrivals; each prompt is
-distinct random words (no prefix-cache hits). Reports TTFT, time per output
-token (TPOT) and output throughput, and Baton's ratio to vLLM. Writes
-bench/results/serve.json and .png.
+Load: vLLM's random dataset (distinct random-token prompts, no prefix-cache
+hits), streaming chat completions with `ignore_eos`, Poisson arrivals. Both
+clients send the same prompts. Reports TTFT, time per output token (TPOT)
+and output throughput, Baton's ratio to vLLM, and how far the two clients'
+TTFTs are apart. Writes bench/results/serve.json and .png.
 """
 
 from __future__ import annotations
@@ -30,17 +33,54 @@ from baton.model_store import DEFAULT_MODEL_NAME, ensure_default_model
 from baton.rpc import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
-_WORDS = ("river valley mountain bridge market winter spring library farmer harvest road stone "
-          "village north east coast wind rain field tower gate lamp ship harbor bread salt").split()
+SEED = 7
 
 
-def make_prompts(count: int, words: int, seed: int = 7) -> list[str]:
-    rng = random.Random(seed)
-    return [f"Request {i}. " + " ".join(rng.choice(_WORDS) for _ in range(words)) + "\nSummarize the text above."
-            for i in range(count)]
+def vllm_bench_args(args, base: str, result_dir: Path) -> list[str]:
+    """`vllm bench serve` flags for the load; also what builds the prompts
+    Baton's client sends, so both clients send the same ones."""
+    return ["--backend", "openai-chat", "--base-url", base, "--endpoint", "/v1/chat/completions",
+            "--model", DEFAULT_MODEL_NAME, "--tokenizer", str(ensure_default_model()),
+            "--dataset-name", "random", "--random-input-len", str(args.input_len),
+            "--random-output-len", str(args.output_tokens), "--num-prompts", str(args.requests),
+            "--request-rate", str(args.rate), "--ignore-eos", "--temperature", "0", "--seed", str(SEED),
+            "--disable-tqdm", "--save-result", "--result-dir", str(result_dir),
+            "--result-filename", "vllm-bench.json"]
+
+
+def _vllm_bench_parser():
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    return parser
+
+
+def make_prompts(args) -> list[str]:
+    """The prompts `vllm bench serve` sends for this load."""
+    from transformers import AutoTokenizer
+    from vllm.benchmarks.datasets import get_samples
+
+    bench_args = _vllm_bench_parser().parse_args(vllm_bench_args(args, "http://unused", RESULTS))
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_default_model()))
+    return [sample.prompt for sample in get_samples(bench_args, tokenizer)]
+
+
+def run_vllm_bench(args, base: str, out_dir: Path) -> dict:
+    """vLLM's own client against ``base``: its TTFT, TPOT and throughput."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    code = ("import sys; from bench.serve import _vllm_bench_parser; from vllm.benchmarks.serve import main; "
+            "main(_vllm_bench_parser().parse_args(sys.argv[1:]))")
+    subprocess.run([sys.executable, "-c", code, *vllm_bench_args(args, base, out_dir)], check=True,
+                   stdout=open(out_dir / "vllm-bench.log", "wb"), stderr=subprocess.STDOUT)
+    report = json.loads((out_dir / "vllm-bench.json").read_text())
+    return {"requests": report["completed"], "ttft_p50_s": report["median_ttft_ms"] / 1000,
+            "tpot_p50_s": report["median_tpot_ms"] / 1000, "output_tokens_per_s": report["output_throughput"]}
 
 
 async def one_request(client: httpx.AsyncClient, base: str, prompt: str, max_tokens: int) -> dict:
+    """TTFT is timed at the first chunk with text, whatever came before it."""
     body = {"model": DEFAULT_MODEL_NAME, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
             "ignore_eos": True}
@@ -123,9 +163,17 @@ def bench_baton(args, prompts, log_dir: Path) -> dict:
             if r.status_code == 200:
                 break
             time.sleep(2)
-        return asyncio.run(run_load(f"http://127.0.0.1:{port}/v1", prompts, args.rate, args.output_tokens))
+        return measure(args, prompts, f"http://127.0.0.1:{port}", log_dir / "baton")
     finally:
         stop(proc)
+
+
+def measure(args, prompts, base: str, out_dir: Path) -> dict:
+    """The same load twice: Baton's client, then `vllm bench serve`."""
+    ours = asyncio.run(run_load(f"{base}/v1", prompts, args.rate, args.output_tokens))
+    ours["vllm_bench_serve"] = run_vllm_bench(args, base, out_dir)
+    ours["ttft_p50_clients_ratio"] = ours["vllm_bench_serve"]["ttft_p50_s"] / ours["ttft_p50_s"]
+    return ours
 
 
 def bench_vllm(args, prompts, log_dir: Path) -> dict:
@@ -139,7 +187,7 @@ def bench_vllm(args, prompts, log_dir: Path) -> dict:
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc, 900)
-        return asyncio.run(run_load(f"http://127.0.0.1:{port}/v1", prompts, args.rate, args.output_tokens))
+        return measure(args, prompts, f"http://127.0.0.1:{port}", log_dir / "vllm")
     finally:
         stop(proc)
 
@@ -148,10 +196,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--rate", type=float, default=2.0, help="requests per second (Poisson)")
-    parser.add_argument("--input-words", type=int, default=380, help="about 512 prompt tokens")
+    parser.add_argument("--input-len", type=int, default=512, help="prompt tokens")
     parser.add_argument("--output-tokens", type=int, default=64)
     args = parser.parse_args()
-    prompts = make_prompts(args.requests, args.input_words)
+    prompts = make_prompts(args)
     log_dir = RESULTS / "serve-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     vllm = bench_vllm(args, prompts, log_dir)
@@ -161,8 +209,12 @@ def main() -> None:
     ratios = {k: baton[k] / vllm[k] for k in ("ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s",
                                               "output_tokens_per_s")}
     print("Baton / vLLM   :", json.dumps({k: round(v, 2) for k, v in ratios.items()}), flush=True)
+    for name, run in (("vLLM", vllm), ("Baton", baton)):
+        print(f"{name}: TTFT p50 Baton's client {run['ttft_p50_s']:.3f} s, vllm bench serve "
+              f"{run['vllm_bench_serve']['ttft_p50_s']:.3f} s (ratio {run['ttft_p50_clients_ratio']:.2f})")
     result = {"benchmark": "serve", "command": "make bench-serve", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "load": vars(args), "baseline": "one vLLM OpenAI server (both cores)", "vllm": vllm,
+              "load": {**vars(args), "dataset": "vllm random", "seed": SEED},
+              "baseline": "one vLLM OpenAI server (both cores)", "vllm": vllm,
               "baton": baton, "baton_over_vllm": ratios}
     (RESULTS / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
     _plot(vllm, baton, RESULTS / "serve.png")
@@ -177,10 +229,18 @@ def _plot(vllm: dict, baton: dict, path: Path) -> None:
 
     metrics = [("ttft_p50_s", "TTFT p50 (s)"), ("ttft_p90_s", "TTFT p90 (s)"), ("tpot_p50_s", "TPOT p50 (s)"),
                ("output_tokens_per_s", "output tok/s")]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(12, 3.5))
-    for ax, (key, label) in zip(axes, metrics, strict=True):
+    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(15, 3.5))
+    for ax, (key, label) in zip(axes, metrics, strict=False):
         ax.bar(["vLLM", "Baton"], [vllm[key], baton[key]], color=["#888888", "#1f77b4"])
         ax.set_title(label)
+    clients = axes[-1]
+    xs = range(2)
+    clients.bar([x - 0.2 for x in xs], [vllm["ttft_p50_s"], baton["ttft_p50_s"]], 0.4, label="Baton's client")
+    clients.bar([x + 0.2 for x in xs], [vllm["vllm_bench_serve"]["ttft_p50_s"],
+                                        baton["vllm_bench_serve"]["ttft_p50_s"]], 0.4, label="vllm bench serve")
+    clients.set_xticks(list(xs), ["vLLM", "Baton"])
+    clients.set_title("TTFT p50 (s) by client")
+    clients.legend(fontsize=7)
     fig.suptitle("Baton (1P+1D) vs one vLLM engine, same load")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

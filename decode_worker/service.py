@@ -1,5 +1,5 @@
-"""``DecodeWorker`` servicer: continues from prompt + first token, with the
-prompt's KV loaded from the transfer (or recomputed if it never arrives)."""
+"""``DecodeWorker`` servicer: generates the answer with the prompt's KV
+loaded from the transfer (or recomputed if it never arrives)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import contextlib
 
 import grpc
 
-from baton.engine import Engine, finish_reason, is_input_error, sampling_params
+from baton import sampling
+from baton.engine import Engine, generated_tokens, is_input_error
 from baton.logs import bind_request, get_logger
 from baton.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from kv_transfer.params import ConsumerParams, LoadReport, parse
@@ -28,28 +29,27 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
         bind_request(request.request_id)
         if not request.prompt_token_ids:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
-        if request.sampling.max_tokens < 1:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be >= 1")
         prompt = list(request.prompt_token_ids)
         if request.HasField("first_token_id"):
             prompt.append(request.first_token_id)
-        elif request.transfer_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a transfer needs first_token_id")
         kv_params = None
         if request.transfer_id:
+            # The transfer covers the prefill prompt; the connector loads all
+            # of it but the last position, which this engine computes itself.
             kv_params = ConsumerParams(request.transfer_id, len(request.prompt_token_ids)).to_dict()
         report: LoadReport | None = None
         produced = 0
         try:
-            params = sampling_params(request.sampling, request.sampling.max_tokens, stream=True)
+            wanted = sampling.decode(request.sampling)
+            if wanted.max_tokens is None or wanted.max_tokens < 1:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be >= 1")
+            params = sampling.for_engine(wanted, max_tokens=wanted.max_tokens, stream=True)
             async with contextlib.aclosing(
                     self._engine.generate(prompt, params, request.request_id, kv_params)) as outputs:
                 async for output in outputs:
                     completion = output.outputs[0]
                     produced += len(completion.token_ids)
-                    message = decode_pb2.DecodeResponse(
-                        text=completion.text, token_ids=list(completion.token_ids),
-                        finish_reason=finish_reason(completion.finish_reason))
+                    message = decode_pb2.DecodeResponse(tokens=generated_tokens(completion, wanted.logprobs))
                     if output.finished:
                         parsed = parse(output.kv_transfer_params)
                         report = parsed if isinstance(parsed, LoadReport) else None
@@ -68,7 +68,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
             # scheduled, or a local prefix hit) would wait for its TTL.
             if request.transfer_id and not (report and report.external_tokens):
                 self._store.discard(request.transfer_id)
-        log.info("decode done", transfer_id=request.transfer_id,
+        log.info("decode done", transfer_id=request.transfer_id, tokens=produced,
                  external_tokens=report.external_tokens if report else 0,
                  recomputed=bool(report and report.failed))
 
@@ -83,5 +83,3 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
             bytes=fetched if report.external_tokens else 0,
             recomputed=report.failed,
         )
-
-

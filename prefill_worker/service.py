@@ -7,7 +7,8 @@ import contextlib
 
 import grpc
 
-from baton.engine import Engine, finish_reason, is_input_error, sampling_params
+from baton import sampling
+from baton.engine import Engine, generated_tokens, is_input_error
 from baton.logs import bind_request, get_logger
 from baton.telemetry import inject_headers
 from baton.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
@@ -34,7 +35,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
                                        inject_headers().get("traceparent", "")).to_dict()
         final = None
         try:
-            params = sampling_params(request.sampling, 1, stream=False)
+            wanted = sampling.decode(request.sampling)
+            params = sampling.for_engine(wanted, max_tokens=1, stream=False, prompt_logprobs=True)
             async with contextlib.aclosing(self._engine.generate(
                     list(request.prompt_token_ids), params, request.request_id, kv_params)) as outputs:
                 async for output in outputs:
@@ -43,17 +45,16 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
             if not is_input_error(exc):
                 raise
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        completion = final.outputs[0]
-        reason = finish_reason(completion.finish_reason)
+        first = generated_tokens(final.outputs[0], wanted.logprobs)
         # max_tokens=1 always ends in "length": that is the hand-over, not the
-        # end of the answer. Only an EOS/stop string ends generation here.
-        if reason == common_pb2.FINISH_REASON_LENGTH:
-            reason = common_pb2.FINISH_REASON_UNSPECIFIED
+        # end of the answer; the router knows the request's own max_tokens.
+        if first.finish_reason == common_pb2.FINISH_REASON_LENGTH:
+            first.finish_reason = common_pb2.FINISH_REASON_UNSPECIFIED
         log.info("prefill done", prompt_tokens=len(request.prompt_token_ids),
                  cached_tokens=final.num_cached_tokens or 0, transfer_id=request.transfer_id)
-        return prefill_pb2.PrefillResponse(
-            first_token_id=completion.token_ids[0],
-            first_token_text=completion.text,
-            finish_reason=reason,
-            cached_prompt_tokens=final.num_cached_tokens or 0,
-        )
+        prompt_logprobs = []
+        if wanted.prompt_logprobs is not None and final.prompt_logprobs:
+            ids = list(request.prompt_token_ids)
+            prompt_logprobs = sampling.logprob_rows(ids[1:], final.prompt_logprobs[1:], wanted.prompt_logprobs)
+        return prefill_pb2.PrefillResponse(first=first, cached_prompt_tokens=final.num_cached_tokens or 0,
+                                           prompt_logprobs=prompt_logprobs)

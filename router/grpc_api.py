@@ -1,66 +1,142 @@
-"""The public gRPC ``Inference`` service."""
+"""The public gRPC ``Inference`` service, over the same vLLM frontend as the
+HTTP API: the same defaults, validation, text, stop handling and logprobs."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import uuid
+from http import HTTPStatus
 
 import grpc
 
-from baton.errors import BatonError, ClientError
+from baton import sampling
 from baton.logs import bind_request
 from baton.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-from router import requests as gen_requests
-from router.frontend import Frontend
+from router.engine_client import BatonEngineClient
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
-_FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
-           "abort": common_pb2.FINISH_REASON_ABORT}
+_FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
+_HTTP_TO_GRPC = {HTTPStatus.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
+                 HTTPStatus.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+                 HTTPStatus.SERVICE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+                 HTTPStatus.TOO_MANY_REQUESTS: grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+class _InvalidRequest(Exception):
+    pass
+
+
+def sampling_params(s: inference_pb2.SamplingParams, defaults: dict):
+    """The request's SamplingParams, defaults from the model's generation
+    config first, as vLLM's OpenAI server builds them."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    kwargs = dict(defaults)
+    for name in ("temperature", "top_p", "seed", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty", "logprobs", "skip_special_tokens"):
+        if s.HasField(name):
+            kwargs[name] = getattr(s, name)
+    which = s.WhichOneof("structured_output")
+    if which == "json_schema":
+        kwargs["structured_outputs"] = StructuredOutputsParams(json=s.json_schema)
+    elif which == "json_object":
+        kwargs["structured_outputs"] = StructuredOutputsParams(json_object=True)
+    elif which == "regex":
+        kwargs["structured_outputs"] = StructuredOutputsParams(regex=s.regex)
+    kwargs.pop("max_tokens", None)
+    try:
+        return SamplingParams(
+            **kwargs, max_tokens=s.max_tokens or None, n=s.n or 1, stop=list(s.stop) or None,
+            stop_token_ids=list(s.stop_token_ids) or None, ignore_eos=s.ignore_eos, min_tokens=s.min_tokens,
+            logit_bias=dict(s.logit_bias) or None, include_stop_str_in_output=s.include_stop_str_in_output,
+            output_kind=RequestOutputKind.DELTA)
+    except ValueError as exc:  # vLLM's own range checks
+        raise _InvalidRequest(str(exc)) from exc
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, frontend: Frontend):
-        self._frontend = frontend
+    def __init__(self, engine: BatonEngineClient, served_model_name: str):
+        self._engine = engine
+        self._model = served_model_name
+        self._defaults = engine.model_config.get_diff_sampling_param()
 
-    async def _prepare(self, request: inference_pb2.GenerateRequest) -> gen_requests.GenerationRequest:
-        frontend = self._frontend
-        gen_requests.check_model(frontend.limits, request.model)
+    async def _prompt_ids(self, request: inference_pb2.GenerateRequest) -> list[int]:
+        tokenizer = self._engine.get_tokenizer()
         which = request.WhichOneof("input")
+        if which == "token_ids":
+            return list(request.token_ids.ids)
         if which == "prompt":
-            token_ids = await frontend.tokenizer.text(request.prompt)
-        elif which == "chat":
+            return await asyncio.to_thread(lambda: tokenizer.encode(request.prompt))
+        if which == "chat":
             if not request.chat.messages:
-                raise ClientError("chat.messages is empty", param="chat")
-            token_ids = await frontend.tokenizer.chat(
-                [{"role": m.role, "content": m.content} for m in request.chat.messages])
-        elif which == "token_ids":
-            token_ids = list(request.token_ids.ids)
-        else:
-            raise ClientError("give one of prompt, chat or token_ids", param="input")
-        s = request.sampling
-        return gen_requests.build(
-            frontend.limits, request.request_id or gen_requests.new_request_id("grpc"), token_ids,
-            max_tokens=s.max_tokens or None,
-            temperature=s.temperature if s.HasField("temperature") else None,
-            top_p=s.top_p if s.HasField("top_p") else None,
-            seed=s.seed if s.HasField("seed") else None, stop=list(s.stop), ignore_eos=s.ignore_eos)
+                raise _InvalidRequest("chat.messages is empty")
+            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+
+            def render() -> list[int]:
+                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                return tokenizer(text, add_special_tokens=False).input_ids
+
+            try:
+                return await asyncio.to_thread(render)
+            except Exception as exc:
+                raise _InvalidRequest(f"cannot apply the chat template: {exc}") from exc
+        raise _InvalidRequest("give one of prompt, chat or token_ids")
 
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        from vllm.exceptions import GracefulHTTPError, VLLMClientError
+        from vllm.inputs import TokensPrompt
+
+        if request.model != self._model:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"The model `{request.model}` does not exist. Available: {self._model}")
+        request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
+        bind_request(request_id)
         try:
-            gen = await self._prepare(request)
-            bind_request(gen.request_id)
-            produced = 0
-            async with contextlib.aclosing(self._frontend.run(gen, "grpc")) as deltas:
-                async for delta in deltas:
-                    produced += len(delta.token_ids)
-                    message = inference_pb2.GenerateResponse(
-                        request_id=gen.request_id, text=delta.text, token_ids=delta.token_ids,
-                        finish_reason=_FINISH.get(delta.finish_reason or "", common_pb2.FINISH_REASON_UNSPECIFIED),
-                        prompt_tokens=len(gen.prompt_token_ids), completion_tokens=produced)
-                    if delta.kv is not None:
-                        message.kv.CopyFrom(delta.kv)
-                    yield message
-        except BatonError as exc:
-            await context.abort(exc.grpc_code, exc.message)
+            prompt_ids = await self._prompt_ids(request)
+            if not prompt_ids:
+                raise _InvalidRequest("the prompt is empty")
+            params = sampling_params(request.sampling, self._defaults)
+            room = self._engine.model_config.max_model_len - len(prompt_ids)
+            if params.max_tokens is None:
+                params.max_tokens = max(room, 1)
+            if params.max_tokens > room:
+                raise _InvalidRequest(
+                    f"This model's maximum context length is {self._engine.model_config.max_model_len} "
+                    f"tokens. However, you requested {params.max_tokens} output tokens and your prompt "
+                    f"contains {len(prompt_ids)} input tokens.")
+            produced: dict[int, int] = {}
+            outputs = self._engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id)
+            async with contextlib.aclosing(outputs):
+                async for output in outputs:
+                    for choice in output.outputs:
+                        produced[choice.index] = produced.get(choice.index, 0) + len(choice.token_ids)
+                        yield self._message(request_id, output, choice, len(prompt_ids), produced[choice.index],
+                                            params.logprobs)
+        except _InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except VLLMClientError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except GracefulHTTPError as exc:
+            await context.abort(_HTTP_TO_GRPC.get(exc.http_status, grpc.StatusCode.INTERNAL), exc.message)
+
+    @staticmethod
+    def _message(request_id, output, choice, prompt_tokens: int, produced: int, logprobs: int | None):
+        message = inference_pb2.GenerateResponse(
+            request_id=request_id, text=choice.text, token_ids=list(choice.token_ids), index=choice.index,
+            prompt_tokens=prompt_tokens, completion_tokens=produced,
+            finish_reason=(_FINISH.get(choice.finish_reason, common_pb2.FINISH_REASON_ABORT)
+                           if choice.finish_reason else common_pb2.FINISH_REASON_UNSPECIFIED),
+            logprobs=sampling.logprob_rows(choice.token_ids, choice.logprobs, logprobs))
+        if isinstance(choice.stop_reason, int):
+            message.stop_token_id = choice.stop_reason
+        elif isinstance(choice.stop_reason, str):
+            message.stop_string = choice.stop_reason
+        kv = output.kv_transfer_params
+        if choice.finish_reason and kv:
+            message.kv.CopyFrom(common_pb2.KVLoadStats(**kv))
+        return message
 
     async def ListModels(self, request, context):
-        return inference_pb2.ListModelsResponse(models=[self._frontend.limits.model_name])
+        return inference_pb2.ListModelsResponse(models=[self._model])

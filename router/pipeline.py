@@ -1,8 +1,13 @@
 """A request's path: schedule → prefill → decode, streaming as it goes.
 
-The first token comes back from the prefill worker and is yielded at once;
-decoding continues on the decode worker from prompt + first token, with the
-prompt's KV handed over through the transfer the control plane allocated.
+The first token comes back from the prefill worker and is yielded at once.
+The decode worker then loads the prompt's KV through the transfer the control
+plane allocated, recomputes only the prompt's last position and samples the
+answer from its first token itself, so that a seed's random stream and the
+penalties' history are those of one engine. Its first token is checked
+against the one already streamed; on a mismatch (a near tie that the two
+engines' numerics break differently) decoding restarts after the streamed
+token instead.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 
+from baton import sampling
 from baton.errors import NoCapacityError, RetryableError, from_rpc_error
 from baton.logs import get_logger
 from baton.registry import RegistryWatcher
@@ -33,22 +40,35 @@ from baton.v1 import (
     prefill_pb2_grpc,
 )
 from router.metrics import Metrics
-from router.requests import GenerationRequest
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
 
 log = get_logger(__name__)
 _tracer = tracer("baton.router")
 
 
 @dataclass
-class Delta:
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" on the last delta
-    kv: common_pb2.KVLoadStats | None = None  # on the last delta
+class Step:
+    """Tokens the cluster produced for a request since the last step."""
+
+    tokens: common_pb2.GeneratedTokens  # finish_reason set on the last step
+    kv: common_pb2.KVLoadStats | None = None  # on the last step of a decode
+    prompt_logprobs: list[common_pb2.PositionLogprobs] = field(default_factory=list)  # first step
 
 
-_FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
-           common_pb2.FINISH_REASON_ABORT: "abort"}
+@dataclass(frozen=True)
+class EngineRequest:
+    """One engine request (one of the n answers): what vLLM's frontend built."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams  # max_tokens resolved
+
+
+class _FirstTokenMismatch(Exception):
+    """Decode sampled another first token than prefill (numerics differ at a
+    near tie): its continuation does not follow what the client has."""
 
 
 @dataclass
@@ -83,7 +103,7 @@ class Pipeline:
     async def close(self) -> None:
         await self._channels.close()
 
-    async def _schedule(self, request: GenerationRequest) -> control_plane_pb2.Placement:
+    async def _schedule(self, request: EngineRequest) -> control_plane_pb2.Placement:
         try:
             return await self._control_plane.Schedule(
                 control_plane_pb2.ScheduleRequest(request_id=request.request_id, model=self._model_name,
@@ -94,7 +114,7 @@ class Pipeline:
             log.warning("control plane unreachable; placing locally", error=exc.details())
             return self._fallback_placement()
 
-    async def _schedule_shielded(self, request: GenerationRequest) -> control_plane_pb2.Placement:
+    async def _schedule_shielded(self, request: EngineRequest) -> control_plane_pb2.Placement:
         """Schedule; if the client leaves meanwhile, the placement may still
         be made: close its transfer once it lands, so it does not count as
         load until it expires."""
@@ -126,37 +146,54 @@ class Pipeline:
                                                     kv_address=d.kv_address),
             transfer_id=uuid.uuid4().hex)
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    def generate(self, request: EngineRequest) -> AsyncIterator[Step]:
         span = _tracer.start_span("router.generate", attributes={
             "baton.request_id": request.request_id, "baton.prompt_tokens": len(request.prompt_token_ids)})
         return traced_stream(self._generate(request), span)
 
-    async def _generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def _generate(self, request: EngineRequest) -> AsyncIterator[Step]:
         started = time.monotonic()
         placement = await self._schedule_shielded(request)
+        max_tokens = request.params.max_tokens
         # A one-token answer needs no decode, so nothing to hand over.
-        pushed_id = placement.transfer_id if request.sampling.max_tokens > 1 else ""
-        transfer_id = pushed_id
+        pushed_id = placement.transfer_id if max_tokens > 1 else ""
         handed_to_decode = False
+        outcome = common_pb2.KVLoadStats(transfer_id=pushed_id)
         try:
             first = await self._prefill(request, placement, pushed_id)
             if first is None:  # prefill worker unreachable: decode prefills locally
                 self._free_staged(placement, pushed_id)
-                transfer_id = ""
-            else:
-                self._metrics.ttft.observe(time.monotonic() - started)
-                done = (first.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
-                        or request.sampling.max_tokens == 1)
-                reason = _FINISH.get(first.finish_reason, "length") if done else None
-                yield Delta(first.first_token_text, [first.first_token_id], reason)
-                if done:
-                    return
+                handed_to_decode = True
+                async with contextlib.aclosing(self._decode(request, placement, "", started, outcome)) as steps:
+                    async for step in steps:
+                        yield step
+                return
+            self._metrics.ttft.observe(time.monotonic() - started)
+            token = first.first
+            log.info("first token from prefill", token_id=token.token_ids[0], prefill=placement.prefill.worker_id,
+                     cached_tokens=first.cached_prompt_tokens)
+            if token.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED and max_tokens == 1:
+                token.finish_reason = common_pb2.FINISH_REASON_LENGTH
+            yield Step(token, prompt_logprobs=list(first.prompt_logprobs))
+            if token.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                return
             handed_to_decode = True
-            async with contextlib.aclosing(self._decode(request, placement, first, transfer_id, started)) as deltas:
-                async for delta in deltas:
-                    yield delta
+            first_id = token.token_ids[0]
+            try:
+                async with contextlib.aclosing(
+                        self._decode(request, placement, pushed_id, started, outcome,
+                                     expect_first=first_id)) as steps:
+                    async for step in steps:
+                        yield step
+            except _FirstTokenMismatch:
+                self._metrics.first_token_mismatches.inc()
+                # The prompt's KV now sits in the decode worker's prefix cache.
+                async with contextlib.aclosing(
+                        self._decode(request, placement, "", started, outcome, after_first=first_id)) as steps:
+                    async for step in steps:
+                        yield step
             log.info("request finished", prefill=placement.prefill.worker_id,
-                     decode=placement.decode.worker_id, transfer_id=transfer_id,
+                     decode=placement.decode.worker_id, transfer_id=pushed_id,
                      seconds=round(time.monotonic() - started, 3))
         finally:
             # Ended before decode (first token was the last, prefill failed,
@@ -165,15 +202,21 @@ class Pipeline:
                 self._free_staged(placement, pushed_id)
                 self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
                              detail="ended before decode")
+            elif outcome.external_tokens > 0 and not outcome.recomputed:
+                self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_CONSUMED,
+                             nbytes=outcome.bytes, tokens=outcome.external_tokens)
+            else:
+                self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
+                             detail="KV not loaded by the decode worker")
 
-    async def _prefill(self, request: GenerationRequest, placement: control_plane_pb2.Placement,
+    async def _prefill(self, request: EngineRequest, placement: control_plane_pb2.Placement,
                        transfer_id: str) -> prefill_pb2.PrefillResponse | None:
         """The first token, or None when the prefill worker is unreachable."""
         prefill = prefill_pb2_grpc.PrefillWorkerStub(self._channels.get(placement.prefill.address))
         try:
             return await prefill.Prefill(prefill_pb2.PrefillRequest(
                 request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
-                sampling=request.sampling, transfer_id=transfer_id,
+                sampling=sampling.encode(request.params), transfer_id=transfer_id,
                 kv_target=placement.decode.kv_address if transfer_id else ""), timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc, f"prefill worker {placement.prefill.worker_id}")
@@ -182,45 +225,56 @@ class Pipeline:
             log.warning("prefill failed; decode worker prefills locally", error=error.message)
             return None
 
-    async def _decode(self, request, placement, first, transfer_id, started) -> AsyncIterator[Delta]:
-        decode = decode_pb2_grpc.DecodeWorkerStub(self._channels.get(placement.decode.address))
+    async def _decode(self, request: EngineRequest, placement: control_plane_pb2.Placement, transfer_id: str,
+                      started: float, outcome: common_pb2.KVLoadStats, *, expect_first: int | None = None,
+                      after_first: int | None = None) -> AsyncIterator[Step]:
+        """Decode the answer; ``outcome`` gets the decode's KV load stats.
+        ``expect_first``: the token prefill streamed, to be sampled again and
+        checked, not repeated. ``after_first``: continue after that token."""
+        params = request.params
         message = decode_pb2.DecodeRequest(request_id=request.request_id,
-                                           prompt_token_ids=request.prompt_token_ids,
-                                           sampling=request.sampling, transfer_id=transfer_id)
-        if first is not None:  # continue from prompt + first token
-            message.first_token_id = first.first_token_id
-            message.sampling.max_tokens -= 1
-        outcome = common_pb2.KVLoadStats(transfer_id=transfer_id)
-        ttft_pending = first is None  # local prefill: the first token comes from decode
+                                           prompt_token_ids=request.prompt_token_ids, transfer_id=transfer_id)
+        if after_first is not None:
+            params = params.clone()
+            params.max_tokens -= 1
+            params.min_tokens = max(0, params.min_tokens - 1)
+            message.first_token_id = after_first
+            message.request_id = f"{request.request_id}-resumed"
+        message.sampling.CopyFrom(sampling.encode(params))
+        decode = decode_pb2_grpc.DecodeWorkerStub(self._channels.get(placement.decode.address))
+        ttft_pending = expect_first is None and after_first is None  # local prefill
         finished = False
         call = decode.Decode(message, timeout=self._timeout_s)
         try:
             async for item in call:
-                if ttft_pending and item.token_ids:
+                tokens = item.tokens
+                if expect_first is not None and tokens.token_ids:
+                    if tokens.token_ids[0] != expect_first:
+                        log.warning("decode sampled another first token; resuming after prefill's",
+                                    prefill_token=expect_first, decode_token=tokens.token_ids[0])
+                        raise _FirstTokenMismatch
+                    del tokens.token_ids[0]
+                    if tokens.logprobs:
+                        del tokens.logprobs[0]
+                    expect_first = None
+                if ttft_pending and tokens.token_ids:
                     ttft_pending = False
                     self._metrics.ttft.observe(time.monotonic() - started)
                 if item.HasField("kv"):
                     outcome.CopyFrom(item.kv)
-                reason = _FINISH.get(item.finish_reason)
-                finished = reason is not None
-                if item.token_ids or reason:
-                    yield Delta(item.text, list(item.token_ids), reason, outcome if reason else None)
+                finished = tokens.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+                if tokens.token_ids or finished:
+                    yield Step(tokens, outcome if finished else None)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, f"decode worker {placement.decode.worker_id}") from exc
         finally:
-            # Closed early (client gone): cancel now, not when the call is
-            # garbage-collected, so the decode worker stops generating.
+            # Closed early (client gone, stop string, mismatch): cancel now,
+            # not when the call is garbage-collected, so the worker stops.
             call.cancel()
-            consumed = finished and outcome.external_tokens > 0 and not outcome.recomputed
             if not finished:
                 # Gone before the decode worker took the KV (or while it
                 # did): free it there now rather than at its staging TTL.
                 self._free_staged(placement, transfer_id)
-            self._report(
-                placement.transfer_id,
-                control_plane_pb2.TRANSFER_OUTCOME_CONSUMED if consumed else control_plane_pb2.TRANSFER_OUTCOME_FAILED,
-                nbytes=outcome.bytes, tokens=outcome.external_tokens,
-                detail="" if consumed else "KV not loaded by the decode worker")
 
     def _report(self, transfer_id: str, outcome: int, nbytes: int = 0, tokens: int = 0, detail: str = "") -> None:
         if not transfer_id:

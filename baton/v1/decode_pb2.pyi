@@ -8,27 +8,23 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "first_token_id", "sampling", "transfer_id")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "transfer_id", "first_token_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    first_token_id: int
-    sampling: _common_pb2.SamplingParams
+    sampling: _common_pb2.EngineSampling
     transfer_id: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., transfer_id: _Optional[str] = ...) -> None: ...
+    first_token_id: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.EngineSampling, _Mapping]] = ..., transfer_id: _Optional[str] = ..., first_token_id: _Optional[int] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
-    __slots__ = ("text", "token_ids", "finish_reason", "kv")
-    TEXT_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("tokens", "kv")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_FIELD_NUMBER: _ClassVar[int]
-    text: str
-    token_ids: _containers.RepeatedScalarFieldContainer[int]
-    finish_reason: _common_pb2.FinishReason
+    tokens: _common_pb2.GeneratedTokens
     kv: _common_pb2.KVLoadStats
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., kv: _Optional[_Union[_common_pb2.KVLoadStats, _Mapping]] = ...) -> None: ...
+    def __init__(self, tokens: _Optional[_Union[_common_pb2.GeneratedTokens, _Mapping]] = ..., kv: _Optional[_Union[_common_pb2.KVLoadStats, _Mapping]] = ...) -> None: ...

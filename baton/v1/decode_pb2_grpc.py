@@ -26,8 +26,8 @@ if _version_not_supported:
 
 
 class DecodeWorkerStub:
-    """Internal: continues generation from prompt + first token, loading the
-    prompt's KV from the transfer instead of recomputing it.
+    """Internal: generates the answer with the prompt's KV loaded from the
+    transfer instead of recomputed.
     """
 
     def __init__(self, channel):
@@ -44,8 +44,8 @@ class DecodeWorkerStub:
 
 
 class DecodeWorkerServicer:
-    """Internal: continues generation from prompt + first token, loading the
-    prompt's KV from the transfer instead of recomputing it.
+    """Internal: generates the answer with the prompt's KV loaded from the
+    transfer instead of recomputed.
     """
 
     def Decode(self, request, context):
@@ -71,8 +71,8 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class DecodeWorker:
-    """Internal: continues generation from prompt + first token, loading the
-    prompt's KV from the transfer instead of recomputing it.
+    """Internal: generates the answer with the prompt's KV loaded from the
+    transfer instead of recomputed.
     """
 
     @staticmethod

@@ -27,7 +27,9 @@ if _version_not_supported:
 
 class InferenceStub:
     """The public gRPC API of Baton, served by the router. Give exactly one of
-    prompt, messages or token_ids.
+    prompt, chat or token_ids. Requests are processed as vLLM's OpenAI server
+    processes them: the same defaults (from the model's generation_config),
+    the same validation, the same text.
     """
 
     def __init__(self, channel):
@@ -50,7 +52,9 @@ class InferenceStub:
 
 class InferenceServicer:
     """The public gRPC API of Baton, served by the router. Give exactly one of
-    prompt, messages or token_ids.
+    prompt, chat or token_ids. Requests are processed as vLLM's OpenAI server
+    processes them: the same defaults (from the model's generation_config),
+    the same validation, the same text.
     """
 
     def Generate(self, request, context):
@@ -88,7 +92,9 @@ def add_InferenceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Inference:
     """The public gRPC API of Baton, served by the router. Give exactly one of
-    prompt, messages or token_ids.
+    prompt, chat or token_ids. Requests are processed as vLLM's OpenAI server
+    processes them: the same defaults (from the model's generation_config),
+    the same validation, the same text.
     """
 
     @staticmethod

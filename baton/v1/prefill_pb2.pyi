@@ -16,19 +16,17 @@ class PrefillRequest(_message.Message):
     KV_TARGET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    sampling: _common_pb2.SamplingParams
+    sampling: _common_pb2.EngineSampling
     transfer_id: str
     kv_target: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., transfer_id: _Optional[str] = ..., kv_target: _Optional[str] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.EngineSampling, _Mapping]] = ..., transfer_id: _Optional[str] = ..., kv_target: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token_id", "first_token_text", "finish_reason", "cached_prompt_tokens")
-    FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
-    FIRST_TOKEN_TEXT_FIELD_NUMBER: _ClassVar[int]
-    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("first", "cached_prompt_tokens", "prompt_logprobs")
+    FIRST_FIELD_NUMBER: _ClassVar[int]
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    first_token_id: int
-    first_token_text: str
-    finish_reason: _common_pb2.FinishReason
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    first: _common_pb2.GeneratedTokens
     cached_prompt_tokens: int
-    def __init__(self, first_token_id: _Optional[int] = ..., first_token_text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
+    prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.PositionLogprobs]
+    def __init__(self, first: _Optional[_Union[_common_pb2.GeneratedTokens, _Mapping]] = ..., cached_prompt_tokens: _Optional[int] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.PositionLogprobs, _Mapping]]] = ...) -> None: ...

@@ -123,7 +123,7 @@ class BatonConnector(KVConnectorBase_V1):
         self._worker.end_step()
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
-        return self._worker.transfer_results()
+        return self._worker.transfer_results(finished_req_ids)
 
     def shutdown(self) -> None:
         if self._worker_side is not None:

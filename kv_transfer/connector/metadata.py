@@ -29,9 +29,23 @@ class LoadSpec:
     block_ids: tuple[int, ...]
     first_block: int  # index within the request of block_ids[0]
     num_tokens: int  # prompt tokens the transfer covers
+    keep_block: int = -1  # request block to keep for a RestoreSpec, or -1
+
+
+@dataclass(frozen=True)
+class RestoreSpec:
+    """Consumer: this step recomputes the prompt's last position of
+    ``req_id`` (to sample the answer's first token), which rewrites that
+    position's KV in engine block ``block_id``. After each layer the
+    transferred block goes back, so every later token attends over exactly
+    the KV the prefill engine computed, as in one engine."""
+
+    req_id: str
+    block_id: int
 
 
 @dataclass
 class BatonConnectorMetadata(KVConnectorMetadata):
     saves: list[SaveSpec] = field(default_factory=list)
     loads: list[LoadSpec] = field(default_factory=list)
+    restores: list[RestoreSpec] = field(default_factory=list)

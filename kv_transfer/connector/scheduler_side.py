@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kv_transfer.connector.metadata import BatonConnectorMetadata, LoadSpec, SaveSpec
+from kv_transfer.connector.metadata import BatonConnectorMetadata, LoadSpec, RestoreSpec, SaveSpec
 from kv_transfer.params import ConsumerParams, LoadReport, ProducerParams, parse
 from kv_transfer.wire import blocks_for_tokens
 
@@ -32,11 +32,14 @@ class BatonSchedulerSide:
         self._loading: dict[str, int] = {}  # req_id → external tokens being loaded
         self._claimed: set[str] = set()  # consumer requests whose transfer was claimed
         self._failed: set[str] = set()
+        self._restores: dict[str, int] = {}  # req_id → request block to restore once loaded
+        self._armed: set[str] = set()  # loaded: restore when next scheduled
 
     @staticmethod
     def _remote_tokens(request: Request, params: ConsumerParams) -> int:
-        # The decode prompt is the prefill prompt plus the first token, so at
-        # least that token is always computed locally and yields logits.
+        # At least the prompt's last token is computed locally, to yield
+        # logits: the prefill prompt's last position when decode samples the
+        # first token itself, or the first token when it continues after it.
         return min(params.remote_tokens, request.num_prompt_tokens - 1)
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
@@ -57,8 +60,12 @@ class BatonSchedulerSide:
             first_block = local_tokens // self.block_size
             last_block = blocks_for_tokens(remote, self.block_size)
             block_ids = blocks.get_block_ids()[0][first_block:last_block]
+            keep_block = -1
+            if remote < params.remote_tokens:  # a transferred position gets recomputed
+                keep_block = remote // self.block_size
+                self._restores[request.request_id] = keep_block
             self._loads.append(LoadSpec(request.request_id, params.transfer_id, tuple(block_ids),
-                                        first_block, params.remote_tokens))
+                                        first_block, params.remote_tokens, keep_block))
             self._loading[request.request_id] = num_external_tokens
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> BatonConnectorMetadata:
@@ -66,6 +73,11 @@ class BatonSchedulerSide:
         self._loads = []
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
+            if new.req_id in self._armed:
+                self._armed.discard(new.req_id)
+                restore = self._restores.pop(new.req_id)
+                if restore < len(new.block_ids[0]):
+                    meta.restores.append(RestoreSpec(new.req_id, new.block_ids[0][restore]))
             pending = self._pushes.get(new.req_id)
             if pending is not None:
                 pending.block_ids = list(new.block_ids[0])
@@ -98,11 +110,16 @@ class BatonSchedulerSide:
         # Only requests still loading: one aborted meanwhile is already finished.
         failed = getattr(connector_output, "failed_recving", None) or ()
         self._failed.update(req_id for req_id in failed if req_id in self._loading)
+        for req_id in getattr(connector_output, "finished_recving", None) or ():
+            if req_id in self._restores and req_id not in self._failed:
+                self._armed.add(req_id)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
         self._pushes.pop(req_id, None)
         self._claimed.discard(req_id)
+        self._restores.pop(req_id, None)
+        self._armed.discard(req_id)
         params = parse(request.kv_transfer_params)
         if not isinstance(params, ConsumerParams):
             return False, None

@@ -69,6 +69,8 @@ class BatonWorkerSide:
         self._lock = threading.Lock()
         self._finished_recving: set[str] = set()
         self._failed_recving: set[str] = set()
+        self._kept: dict[str, dict[int, torch.Tensor]] = {}  # req_id → layer index → block, for restores
+        self._restores: list[tuple[int, dict[int, torch.Tensor]]] = []  # this step's (block id, kept)
 
     # --- set-up -----------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -90,12 +92,17 @@ class BatonWorkerSide:
             push = _Push(spec, queue.Queue(), time.monotonic())
             self._pushes[spec.req_id] = push
             self._push_pool.submit(self._run_push, push)
+        with self._lock:
+            kept = [(r.block_id, self._kept.pop(r.req_id, None)) for r in meta.restores]
+        self._restores = [(block_id, blocks) for block_id, blocks in kept if blocks is not None]
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor) -> None:
-        if not self._pushes:
+        if not self._pushes and not self._restores:
             return
         index = self._layer_index[layer_name]
         block_dim = self._block_dims[layer_name]
+        for block_id, kept in self._restores:
+            scatter_blocks(kv_layer, block_dim, [block_id], kept[index].unsqueeze(0))
         for push in self._pushes.values():
             blocks = gather_blocks(kv_layer, block_dim, list(push.spec.block_ids))
             push.layers.put((index, as_bytes(blocks)))
@@ -104,6 +111,7 @@ class BatonWorkerSide:
         for push in self._pushes.values():
             push.layers.put(_END)
         self._pushes = {}
+        self._restores = []
 
     def _run_push(self, push: _Push) -> None:
         spec = push.spec
@@ -167,6 +175,7 @@ class BatonWorkerSide:
         dtype = getattr(torch, header.dtype)
         shape = (header.num_blocks, *header.block_shape)
         buffers: dict[int, bytearray] = {}
+        kept: dict[int, torch.Tensor] = {}
         loaded = 0
         done_layers = 0
         for data in chunks:
@@ -176,17 +185,25 @@ class BatonWorkerSide:
             buf.extend(data.data)
             if len(buf) == layer_bytes:
                 name = header.layer_names[data.layer_index]
-                blocks = from_bytes(buf, dtype, shape)[wanted]
+                all_blocks = from_bytes(buf, dtype, shape)
+                if 0 <= spec.keep_block < header.num_blocks:
+                    kept[data.layer_index] = all_blocks[spec.keep_block].clone()
+                blocks = all_blocks[wanted]
                 scatter_blocks(self._caches[name], self._block_dims[name], list(spec.block_ids), blocks)
                 loaded += blocks.numel() * blocks.element_size()
                 del buffers[data.layer_index]
                 done_layers += 1
         if done_layers != len(header.layer_names):
             raise WireError(f"fetch ended with {done_layers} of {len(header.layer_names)} layers")
+        if kept:
+            with self._lock:
+                self._kept[spec.req_id] = kept
         return loaded
 
-    def transfer_results(self) -> KVConnectorTransferResults:
+    def transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         with self._lock:
+            for req_id in finished_req_ids:  # ended before its restore (aborted)
+                self._kept.pop(req_id, None)
             results = KVConnectorTransferResults(
                 finished_recving=self._finished_recving, failed_recving=self._failed_recving)
             self._finished_recving = set()

@@ -1,10 +1,10 @@
 """The real stack, started once per test session: embedded etcd, then
 `baton up` (control plane, router, one prefill and one decode worker, each
-worker a real vLLM engine), plus a plain vLLM engine for parity."""
+worker a real vLLM engine), plus a real `vllm serve` with the same model and
+flags: the reference every parity test compares with."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -72,34 +72,59 @@ def parity_prompts(tokenizer) -> list[list[int]]:
     return prompts
 
 
-class ReferenceJob:
-    """The plain engine runs in its own process while the stack starts."""
+class VllmServer:
+    """`vllm serve` (run as a module: the CPU build's console script is
+    broken), started in the background while the stack starts."""
 
-    def __init__(self, prompts: list[list[int]], workdir: Path):
-        self._in = workdir / "reference_in.json"
-        self._out = workdir / "reference_out.json"
-        self._log = workdir / "reference.log"
-        self._in.write_text(json.dumps({"prompts": prompts, "max_tokens": PARITY_MAX_TOKENS}))
+    def __init__(self, model_path: Path, model_name: str, workdir: Path):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self._log = workdir / "vllm-serve.log"
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"}
         self._proc = subprocess.Popen(
-            [sys.executable, str(REPO / "tests/e2e/reference_engine.py"), str(self._in), str(self._out)],
-            stdout=open(self._log, "wb"), stderr=subprocess.STDOUT, cwd=REPO)
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
+             "--served-model-name", model_name, "--max-model-len", "2048", "--enforce-eager",
+             "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=open(self._log, "wb"), stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        self._ready = False
 
-    def result(self, timeout_s: float = 900) -> list[list[int]]:
-        code = self._proc.wait(timeout_s)
-        assert code == 0, f"reference engine failed ({code}):\n" + self._log.read_text()[-3000:]
-        return json.loads(self._out.read_text())
+    def wait_ready(self, timeout_s: float = 900) -> str:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while not self._ready:
+            if self._proc.poll() is not None:
+                pytest.fail("vllm serve exited:\n" + self._log.read_text(errors="replace")[-3000:])
+            try:
+                self._ready = httpx.get(f"{self.base}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                pass
+            if not self._ready:
+                if time.monotonic() > deadline:
+                    pytest.fail("vllm serve did not become healthy")
+                time.sleep(1)
+        return self.base
 
     def stop(self) -> None:
         if self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
+            self._proc.terminate()
+            try:
+                self._proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
 
 
 @pytest.fixture(scope="session")
-def reference(parity_prompts, tmp_path_factory):
-    job = ReferenceJob(parity_prompts, tmp_path_factory.mktemp("reference"))
-    yield job
-    job.stop()
+def vllm_serve(model_path, tmp_path_factory):
+    server = VllmServer(model_path, DEFAULT_MODEL_NAME, tmp_path_factory.mktemp("vllm-serve"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def reference(vllm_serve) -> str:
+    """Base URL of the ready `vllm serve`."""
+    return vllm_serve.wait_ready()
 
 
 @pytest.fixture(scope="session")
@@ -126,7 +151,7 @@ def _read_until(proc: subprocess.Popen, marker: str, timeout_s: float) -> list[s
 
 
 @pytest.fixture(scope="session")
-def stack(etcd, model_path, reference, tmp_path_factory) -> Stack:
+def stack(etcd, model_path, vllm_serve, tmp_path_factory) -> Stack:
     log_dir = tmp_path_factory.mktemp("stack-logs")
     http_port, grpc_port, cp_port = free_port(), free_port(), free_port()
     env = {**os.environ, "BATON_KV_FETCH_TIMEOUT_MS": str(KV_FETCH_TIMEOUT_MS)}

@@ -6,8 +6,10 @@ import math
 
 import grpc
 import httpx
+from vllm import SamplingParams
 
-from baton.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from baton import sampling
+from baton.v1 import decode_pb2, decode_pb2_grpc
 from tests.e2e.conftest import chat_ids
 from tests.e2e.prompts import long_document
 
@@ -26,9 +28,11 @@ def test_decode_loads_the_prompt_kv_from_the_transfer(stack, model_path):
     data = response.json()
     prompt_tokens = data["usage"]["prompt_tokens"]
     assert prompt_tokens > 600
-    kv = data["kv_transfer"]
+    kv = data["kv_transfer_params"]
     assert kv["recomputed"] is False
-    assert kv["external_tokens"] == prompt_tokens
+    # Every prompt position but the last, which the decode engine computes
+    # itself to sample the answer's first token.
+    assert kv["external_tokens"] == prompt_tokens - 1
     # Whole blocks move: ceil(prompt / block) blocks of 128 tokens (CPU) each.
     block = 128
     assert kv["bytes"] == math.ceil(prompt_tokens / block) * block * kv_bytes_per_token(model_path)
@@ -70,9 +74,9 @@ def test_kv_that_never_arrives_is_recomputed_correctly(stack, tokenizer, grpc_ch
         request = decode_pb2.DecodeRequest(
             request_id="never-arrives", prompt_token_ids=prompt, first_token_id=expected[0],
             transfer_id="transfer-that-nobody-pushes",
-            sampling=common_pb2.SamplingParams(max_tokens=7, temperature=0.0))
+            sampling=sampling.encode(SamplingParams(max_tokens=7, temperature=0.0)))
         messages = list(stub.Decode(request, timeout=120))
-    got = [expected[0]] + [t for m in messages for t in m.token_ids]
+    got = [expected[0]] + [t for m in messages for t in m.tokens.token_ids]
     assert messages[-1].kv.recomputed is True
     assert messages[-1].kv.external_tokens == 0
     assert got == expected
@@ -99,7 +103,7 @@ def test_decode_worker_prefills_locally_without_a_transfer(stack, tokenizer, grp
     expected, _ = generate_ids(grpc_channel, prompt, 8)
     with grpc.insecure_channel(_decode_worker_address(stack)) as channel:
         request = decode_pb2.DecodeRequest(request_id="local-prefill", prompt_token_ids=prompt,
-                                           sampling=common_pb2.SamplingParams(max_tokens=8, temperature=0.0))
+                                           sampling=sampling.encode(SamplingParams(max_tokens=8, temperature=0.0)))
         messages = list(decode_pb2_grpc.DecodeWorkerStub(channel).Decode(request, timeout=120))
-    assert [t for m in messages for t in m.token_ids] == expected
+    assert [t for m in messages for t in m.tokens.token_ids] == expected
     assert messages[-1].kv.external_tokens == 0

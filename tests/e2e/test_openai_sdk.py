@@ -108,12 +108,15 @@ def test_a_client_that_goes_away_cancels_its_decode(stack, read_chunks):
     def records(log_name: str, event: str) -> list[dict]:
         lines = (stack.log_dir / log_name).read_text(errors="replace").splitlines()
         parsed = [json.loads(line) for line in lines if line.startswith("{") and f'"{event}"' in line]
-        return [r for r in parsed if r.get("request_id") == request_id or r.get("transfer_id") == transfer_id]
+        return [r for r in parsed if ours(r) or r.get("transfer_id") == transfer_id]
+
+    def ours(record: dict) -> bool:  # engine requests are "<response id>-<suffix>"
+        return str(record.get("request_id", "")).startswith(request_id)
 
     time.sleep(2)
-    placed = [r for r in records("control-plane.log", "placed") if r["request_id"] == request_id]
+    placed = [r for r in records("control-plane.log", "placed") if ours(r)]
     if not placed:  # gone before the router even asked for a placement
-        assert not [r for r in records("prefill-0.log", "prefill done") if r.get("request_id") == request_id]
+        assert not [r for r in records("prefill-0.log", "prefill done") if ours(r)]
         return
     transfer_id = placed[0]["transfer_id"]
     # The router closes the transfer as failed: the request did not complete.
@@ -124,7 +127,30 @@ def test_a_client_that_goes_away_cancels_its_decode(stack, read_chunks):
     for record in records("decode-0.log", "decode cancelled"):
         assert record["tokens"] < 1400, "the decode ran on after its client left"
     time.sleep(2)
-    assert not [r for r in records("decode-0.log", "decode done") if r.get("request_id") == request_id]
+    assert not [r for r in records("decode-0.log", "decode done") if ours(r)]
     from tests.e2e.test_kv_transfer import _staging_stats
 
     wait_for(lambda: _staging_stats(stack).staged_bytes == 0, 10, "the request's staged KV to be freed")
+
+
+def test_the_first_chunk_waits_for_the_first_token_and_carries_it(stack, tokenizer):
+    """By order, not timing: when the client holds the first SSE chunk, the
+    router has already logged the prefill worker's first token; that chunk
+    carries the role (as vLLM's does, written with the first token's chunk)
+    and the first text is that token's."""
+    import httpx
+
+    body = {"model": stack.model_name, "messages": QUESTION, "max_tokens": 8, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{stack.http_base}/chat/completions", json=body, timeout=120) as response:
+        lines = (line for line in response.iter_lines() if line.startswith("data: {"))
+        first = json.loads(next(lines)[len("data: "):])
+        router_log = (stack.log_dir / "router.log").read_text(errors="replace").splitlines()
+        rest = list(lines)
+    records = [json.loads(line) for line in router_log if line.startswith("{") and "first token from prefill" in line]
+    (record,) = [r for r in records if str(r.get("request_id", "")).startswith(first["id"])]
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+    texts = [first["choices"][0]["delta"].get("content")]
+    texts += [c["delta"].get("content") for line in rest for c in json.loads(line[len("data: "):])["choices"]]
+    first_text = next(t for t in texts if t)
+    assert first_text == tokenizer.decode([record["token_id"]])
+    assert len([t for t in texts if t]) > 1, "the answer goes on after the first token"

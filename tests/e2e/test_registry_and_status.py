@@ -3,6 +3,7 @@ and the gRPC health/reflection services tell what is running."""
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 
@@ -89,11 +90,14 @@ def test_one_trace_id_covers_every_hop(stack):
         for line in (stack.log_dir / log_name).read_text(errors="replace").splitlines():
             if line.startswith("{") and request_id in line:
                 record = json.loads(line)
-                if record.get("request_id") == request_id and record.get("trace_id"):
+                # Engine requests are "<response id>-<suffix>" (vLLM's internal ids).
+                if str(record.get("request_id", "")).startswith(request_id) and record.get("trace_id"):
                     ids.add(record["trace_id"])
         return ids
 
-    router, prefill, decode = trace_ids("router.log"), trace_ids("prefill-0.log"), trace_ids("decode-0.log")
+    # The decode worker logs its end just after the router's answer went out.
+    decode = wait_for(lambda: trace_ids("decode-0.log"), 10, "the decode worker's log")
+    router, prefill = trace_ids("router.log"), trace_ids("prefill-0.log")
     assert len(router) == 1, router
     assert prefill == router and decode == router
 
@@ -101,4 +105,5 @@ def test_one_trace_id_covers_every_hop(stack):
 def test_metrics_endpoint(stack):
     ask(stack)
     text = httpx.get(stack.http_base.removesuffix("/v1") + "/metrics", timeout=10).text
-    assert "baton_requests_total" in text and "baton_time_to_first_token_seconds" in text
+    count = re.search(r"^baton_time_to_first_token_seconds_count (\S+)$", text, re.M)
+    assert count and float(count.group(1)) >= 1, text[:2000]

@@ -6,8 +6,7 @@ import pytest
 from baton.errors import NoCapacityError
 from baton.registry import WorkerRecord
 from router.metrics import Metrics
-from router.pipeline import Pipeline
-from router.requests import GenerationRequest
+from router.pipeline import EngineRequest, Pipeline
 
 
 class FakeRegistry:
@@ -28,7 +27,7 @@ async def test_fallback_when_the_control_plane_is_down():
     registry = FakeRegistry([worker("p0", "prefill"), worker("d0", "decode"), worker("d1", "decode")])
     # Nothing listens on this port: Schedule fails with UNAVAILABLE.
     pipeline = Pipeline(f"127.0.0.1:{free_port()}", registry, "m", Metrics(), timeout_s=5)
-    request = GenerationRequest("r", [1, 2, 3], None)
+    request = EngineRequest("r", [1, 2, 3], None)
     try:
         first = await pipeline._schedule(request)
         second = await pipeline._schedule(request)
@@ -42,7 +41,7 @@ async def test_no_fallback_without_workers():
     pipeline = Pipeline("127.0.0.1:1", FakeRegistry([]), "m", Metrics(), timeout_s=5)
     try:
         with pytest.raises(NoCapacityError):
-            await pipeline._schedule(GenerationRequest("r", [1], None))
+            await pipeline._schedule(EngineRequest("r", [1], None))
     finally:
         await pipeline.close()
 

@@ -101,3 +101,31 @@ def test_requests_without_baton_params_are_left_alone():
     assert side.request_finished(req, [1]) == (False, None)
 
 
+
+
+def test_consumer_that_samples_the_first_token_restores_the_recomputed_position():
+    side = BatonSchedulerSide(block_size=4)
+    # decode prompt = the 9 prefill tokens: positions 0..7 load, position 8
+    # (request block 2) is recomputed to sample the first token.
+    req = FakeRequest("r", 9, ConsumerParams("t1", remote_tokens=9).to_dict())
+    assert side.get_num_new_matched_tokens(req, 0) == (8, True)
+    side.update_state_after_alloc(req, FakeBlocks([3, 4]), 8)
+    (load,) = side.build_connector_meta(output()).loads
+    assert load.block_ids == (3, 4) and load.keep_block == 2
+    # Not before the load finished...
+    scheduled = SimpleNamespace(req_id="r", block_ids=([3, 4, 9],), num_computed_tokens=8)
+    assert side.build_connector_meta(output(new=[scheduled], scheduled={"r": 1})).restores == []
+    side.update_connector_output(SimpleNamespace(finished_recving={"r"}, failed_recving=set()))
+    # ...then in the step that computes position 8, into the block holding it.
+    (restore,) = side.build_connector_meta(output(new=[scheduled], scheduled={"r": 1})).restores
+    assert restore.req_id == "r" and restore.block_id == 9
+    assert side.build_connector_meta(output(new=[scheduled])).restores == [], "restored once"
+
+
+def test_a_failed_load_restores_nothing():
+    side = BatonSchedulerSide(block_size=4)
+    req = FakeRequest("r", 9, ConsumerParams("t1", remote_tokens=9).to_dict())
+    side.update_state_after_alloc(req, FakeBlocks([3, 4]), 8)
+    side.update_connector_output(SimpleNamespace(finished_recving={"r"}, failed_recving={"r"}))
+    scheduled = SimpleNamespace(req_id="r", block_ids=([3, 4, 9],), num_computed_tokens=0)
+    assert side.build_connector_meta(output(new=[scheduled])).restores == []

@@ -1,0 +1,128 @@
+"""The Baton cluster as vLLM's engine core.
+
+vLLM's frontend (``AsyncLLM``) talks to its engine core through a small
+contract: add a request, abort requests, pull ``EngineCoreOutputs`` (new
+token ids, logprobs, finish reasons). ``ClusterEngineCore`` keeps that
+contract, and runs each request through Baton's pipeline (schedule →
+prefill → KV hand-over → decode) instead of one local engine. Everything
+the frontend does around it, from chat templates and validation to
+detokenizing, stop strings and logprobs, is vLLM's own code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
+from typing import TYPE_CHECKING
+
+from baton import sampling
+from baton.errors import BatonError
+from baton.logs import bind_request, get_logger
+from baton.v1 import common_pb2
+from router.pipeline import EngineRequest, Pipeline, Step
+
+if TYPE_CHECKING:
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreRequest
+
+log = get_logger(__name__)
+
+
+class _Resources:
+    engine_dead = False  # workers come and go; the cluster as a whole stays up
+
+
+def _finish_reason(reason: int):
+    from vllm.v1.engine import FinishReason
+
+    return {common_pb2.FINISH_REASON_STOP: FinishReason.STOP,
+            common_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH}.get(reason, FinishReason.ABORT)
+
+
+def to_engine_output(request_id: str, step: Step) -> EngineCoreOutput:
+    from vllm.v1.engine import EngineCoreOutput
+
+    tokens = step.tokens
+    output = EngineCoreOutput(request_id=request_id, new_token_ids=list(tokens.token_ids))
+    if tokens.logprobs:
+        output.new_logprobs = sampling.logprobs_lists(tokens.logprobs)
+    if step.prompt_logprobs:
+        output.new_prompt_logprobs_tensors = sampling.logprobs_tensors(step.prompt_logprobs)
+    if tokens.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+        output.finish_reason = _finish_reason(tokens.finish_reason)
+        if tokens.HasField("stop_token_id"):
+            output.stop_reason = tokens.stop_token_id
+    if step.kv is not None and step.kv.transfer_id:
+        output.kv_transfer_params = {"transfer_id": step.kv.transfer_id,
+                                     "external_tokens": step.kv.external_tokens,
+                                     "bytes": step.kv.bytes, "recomputed": step.kv.recomputed}
+    return output
+
+
+def as_http_error(exc: BatonError) -> Exception:
+    """What vLLM's frontend turns into an error response with this status."""
+    from vllm.exceptions import GracefulHTTPError
+
+    return GracefulHTTPError(exc.message, HTTPStatus(exc.http_status))
+
+
+class ClusterEngineCore:
+    """The part of vLLM's ``EngineCoreClient`` that ``AsyncLLM`` uses."""
+
+    resources = _Resources()
+    engine_ranks_managed = [0]
+
+    def __init__(self, pipeline: Pipeline):
+        self._pipeline = pipeline
+        self._outputs: asyncio.Queue = asyncio.Queue()
+        self._running: dict[str, asyncio.Task] = {}
+        self._fail: Callable[[str, Exception], None] = lambda _request_id, _exc: None
+
+    def on_request_error(self, fail: Callable[[str, Exception], None]) -> None:
+        """``fail(request_id, exc)`` ends one request with an error."""
+        self._fail = fail
+
+    async def get_supported_tasks_async(self) -> tuple[str, ...]:
+        return ("generate",)
+
+    async def add_request_async(self, request: EngineCoreRequest) -> None:
+        engine_request = EngineRequest(request.request_id, list(request.prompt_token_ids),
+                                       request.sampling_params)
+        task = asyncio.create_task(self._run(engine_request), name=f"request-{request.request_id}")
+        self._running[request.request_id] = task
+        task.add_done_callback(lambda _t: self._running.pop(request.request_id, None))
+
+    async def _run(self, request: EngineRequest) -> None:
+        from vllm.v1.engine import EngineCoreOutputs
+
+        bind_request(request.request_id)
+        try:
+            async for step in self._pipeline.generate(request):
+                self._outputs.put_nowait(EngineCoreOutputs(outputs=[to_engine_output(request.request_id, step)]))
+        except asyncio.CancelledError:
+            pass  # aborted: the frontend already forgot the request
+        except BatonError as exc:
+            log.warning("request failed", status=exc.http_status, error=exc.message)
+            self._fail(request.request_id, as_http_error(exc))
+        except Exception as exc:
+            log.exception("request failed")
+            self._fail(request.request_id, exc)
+
+    async def get_output_async(self):
+        from vllm.v1.engine import EngineCoreOutputs
+
+        batch = [*(await self._outputs.get()).outputs]
+        while not self._outputs.empty():
+            batch.extend(self._outputs.get_nowait().outputs)
+        return EngineCoreOutputs(outputs=batch)
+
+    async def abort_requests_async(self, request_ids: Iterable[str]) -> None:
+        for request_id in request_ids:
+            task = self._running.pop(request_id, None)
+            if task is not None:
+                task.cancel()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        for task in self._running.values():
+            task.cancel()
+        self._running.clear()
