@@ -8,7 +8,9 @@ Baton's own client below, which must agree with it.
 
 Load: vLLM's random dataset (distinct random-token prompts, no prefix-cache
 hits), streaming chat completions with `ignore_eos`, Poisson arrivals. Both
-clients send the same prompts. Reports TTFT, time per output token (TPOT)
+clients send the same prompts (Baton's client marks each at its start, so
+neither finds the other's in the prefix cache) on the same arrival schedule
+(vLLM's own, from the same seed). Reports TTFT, time per output token (TPOT)
 and output throughput, Baton's ratio to vLLM, and how far the two clients'
 TTFTs are apart. Writes bench/results/serve.json and .png.
 """
@@ -19,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import signal
 import statistics
 import subprocess
@@ -38,7 +39,7 @@ SEED = 7
 
 def vllm_bench_args(args, base: str, result_dir: Path) -> list[str]:
     """`vllm bench serve` flags for the load; also what builds the prompts
-    Baton's client sends, so both clients send the same ones."""
+    Baton's client sends."""
     return ["--backend", "openai-chat", "--base-url", base, "--endpoint", "/v1/chat/completions",
             "--model", DEFAULT_MODEL_NAME, "--tokenizer", str(ensure_default_model()),
             "--dataset-name", "random", "--random-input-len", str(args.input_len),
@@ -58,13 +59,14 @@ def _vllm_bench_parser():
 
 
 def make_prompts(args) -> list[str]:
-    """The prompts `vllm bench serve` sends for this load."""
+    """The prompts `vllm bench serve` sends for this load, each marked at its
+    start so that neither client finds the other's in the prefix cache."""
     from transformers import AutoTokenizer
     from vllm.benchmarks.datasets import get_samples
 
     bench_args = _vllm_bench_parser().parse_args(vllm_bench_args(args, "http://unused", RESULTS))
     tokenizer = AutoTokenizer.from_pretrained(str(ensure_default_model()))
-    return [sample.prompt for sample in get_samples(bench_args, tokenizer)]
+    return [f"[{i}] {sample.prompt}" for i, sample in enumerate(get_samples(bench_args, tokenizer))]
 
 
 def run_vllm_bench(args, base: str, out_dir: Path) -> dict:
@@ -80,13 +82,15 @@ def run_vllm_bench(args, base: str, out_dir: Path) -> dict:
 
 
 async def one_request(client: httpx.AsyncClient, base: str, prompt: str, max_tokens: int) -> dict:
-    """TTFT is timed at the first chunk with text, whatever came before it."""
+    """TTFT is timed at the first chunk with a choice, as `vllm bench serve`
+    does (vLLM writes it when the first token exists, its text possibly empty:
+    part of a multi-byte character); time to first text at the first chunk
+    with visible text."""
     body = {"model": DEFAULT_MODEL_NAME, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
             "ignore_eos": True}
     started = time.perf_counter()
-    first = None
-    arrivals = []
+    first = first_text = None
     tokens = 0
     async with client.stream("POST", f"{base}/chat/completions", json=body) as response:
         response.raise_for_status()
@@ -96,24 +100,31 @@ async def one_request(client: httpx.AsyncClient, base: str, prompt: str, max_tok
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+            if chunk.get("choices"):
                 now = time.perf_counter()
                 first = first or now
-                arrivals.append(now)
+                if first_text is None and any(c.get("delta", {}).get("content") for c in chunk["choices"]):
+                    first_text = now
     end = time.perf_counter()
-    return {"ttft_s": (first or end) - started, "latency_s": end - started, "tokens": tokens,
+    return {"ttft_s": (first or end) - started, "first_text_s": (first_text or end) - started,
+            "latency_s": end - started, "tokens": tokens,
             "tpot_s": (end - first) / max(1, tokens - 1) if first else None}
 
 
 async def run_load(base: str, prompts: list[str], rate: float, max_tokens: int) -> dict:
-    rng = random.Random(11)
+    import numpy as np
+    from vllm.benchmarks.serve import get_request
+
     async with httpx.AsyncClient(timeout=600) as client:
-        await one_request(client, base, "warm up", 4)
+        # Warm up with the load's own shapes (a few long prompts at once,
+        # marked so they leave nothing in the prefix cache for the load).
+        await asyncio.gather(*(one_request(client, base, f"[warm-up {i}] {prompt}", 8)
+                               for i, prompt in enumerate(prompts[:4])))
         started = time.perf_counter()
         tasks = []
-        for prompt in prompts:
+        np.random.seed(SEED)  # the arrival schedule `vllm bench serve --seed SEED` draws
+        async for prompt, _rate in get_request(prompts, rate):
             tasks.append(asyncio.create_task(one_request(client, base, prompt, max_tokens)))
-            await asyncio.sleep(rng.expovariate(rate))
         results = await asyncio.gather(*tasks)
         wall = time.perf_counter() - started
     ttft = sorted(r["ttft_s"] for r in results)
@@ -121,6 +132,7 @@ async def run_load(base: str, prompts: list[str], rate: float, max_tokens: int) 
     pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
     return {"requests": len(results), "wall_s": wall,
             "ttft_p50_s": statistics.median(ttft), "ttft_p90_s": pct(ttft, 0.9),
+            "first_text_p50_s": statistics.median(r["first_text_s"] for r in results),
             "tpot_p50_s": statistics.median(tpot), "tpot_p90_s": pct(tpot, 0.9),
             "output_tokens_per_s": sum(r["tokens"] for r in results) / wall}
 

@@ -35,7 +35,7 @@ def frontend_args(model_path: str, served_model_name: str, max_model_len: int, h
 class BatonEngineClient(AsyncLLM):
     # AsyncLLM.__init__ starts an engine process; this builds the same
     # frontend parts and takes the cluster as engine core instead.
-    def __init__(self, args: Namespace, core: ClusterEngineCore):  # noqa: B027 - no super().__init__ on purpose
+    def __init__(self, args: Namespace, core: ClusterEngineCore):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.renderers import renderer_from_config
         from vllm.usage.usage_lib import UsageContext

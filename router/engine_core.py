@@ -29,6 +29,8 @@ log = get_logger(__name__)
 
 
 class _Resources:
+    """What AsyncLLM asks of its engine core's health."""
+
     engine_dead = False  # workers come and go; the cluster as a whole stays up
 
 
@@ -69,10 +71,9 @@ def as_http_error(exc: BatonError) -> Exception:
 class ClusterEngineCore:
     """The part of vLLM's ``EngineCoreClient`` that ``AsyncLLM`` uses."""
 
-    resources = _Resources()
-    engine_ranks_managed = [0]
-
     def __init__(self, pipeline: Pipeline):
+        self.resources = _Resources()
+        self.engine_ranks_managed = [0]
         self._pipeline = pipeline
         self._outputs: asyncio.Queue = asyncio.Queue()
         self._running: dict[str, asyncio.Task] = {}
