@@ -11,6 +11,7 @@ OpenAI server, mounted as is) and its gRPC ``Inference`` API use it.
 
 from __future__ import annotations
 
+import asyncio
 from argparse import Namespace
 
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -60,6 +61,7 @@ class BatonEngineClient(AsyncLLM):
             tracing_enabled=False, admission_stats=None)
         self.engine_core = core
         core.on_request_error(self._fail_request)
+        self._deliveries: set[asyncio.Task] = set()
         self.output_handler = None
         self.profiler = None
         self._client_count = 1
@@ -68,6 +70,18 @@ class BatonEngineClient(AsyncLLM):
         self._profile_session_active = False
 
     def _fail_request(self, request_id: str, exc: Exception) -> None:
-        state = self.output_processor.request_states.get(request_id)
-        if state is not None and state.queue is not None:
-            state.queue.put(exc)
+        """End one request with an error, once the client has what came before
+        it: vLLM's output collector lets an error replace an output not yet
+        taken."""
+        states = self.output_processor.request_states
+
+        async def deliver() -> None:
+            while (state := states.get(request_id)) is not None and state.queue is not None:
+                if state.queue.output is None:
+                    state.queue.put(exc)
+                    return
+                await asyncio.sleep(0.005)
+
+        task = asyncio.get_running_loop().create_task(deliver())
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
@@ -68,6 +69,12 @@ def as_http_error(exc: BatonError) -> Exception:
     return GracefulHTTPError(exc.message, HTTPStatus(exc.http_status))
 
 
+@dataclass(frozen=True)
+class _Failure:
+    request_id: str
+    error: Exception
+
+
 class ClusterEngineCore:
     """The part of vLLM's ``EngineCoreClient`` that ``AsyncLLM`` uses."""
 
@@ -75,7 +82,10 @@ class ClusterEngineCore:
         self.resources = _Resources()
         self.engine_ranks_managed = [0]
         self._pipeline = pipeline
-        self._outputs: asyncio.Queue = asyncio.Queue()
+        # Outputs and failures in the order they happened: a request's error
+        # reaches the frontend only after the tokens that came before it.
+        self._outputs: asyncio.Queue[EngineCoreOutput | _Failure] = asyncio.Queue()
+        self._due: list[_Failure] = []
         self._running: dict[str, asyncio.Task] = {}
         self._fail: Callable[[str, Exception], None] = lambda _request_id, _exc: None
 
@@ -94,28 +104,33 @@ class ClusterEngineCore:
         task.add_done_callback(lambda _t: self._running.pop(request.request_id, None))
 
     async def _run(self, request: EngineRequest) -> None:
-        from vllm.v1.engine import EngineCoreOutputs
-
         bind_request(request.request_id)
         try:
             async for step in self._pipeline.generate(request):
-                self._outputs.put_nowait(EngineCoreOutputs(outputs=[to_engine_output(request.request_id, step)]))
+                self._outputs.put_nowait(to_engine_output(request.request_id, step))
         except asyncio.CancelledError:
             pass  # aborted: the frontend already forgot the request
         except BatonError as exc:
             log.warning("request failed", status=exc.http_status, error=exc.message)
-            self._fail(request.request_id, as_http_error(exc))
+            self._outputs.put_nowait(_Failure(request.request_id, as_http_error(exc)))
         except Exception as exc:
             log.exception("request failed")
-            self._fail(request.request_id, exc)
+            self._outputs.put_nowait(_Failure(request.request_id, exc))
 
     async def get_output_async(self):
+        """The next batch of outputs. AsyncLLM processes each batch before
+        asking for the next, so failures seen with a batch are delivered at
+        the next call, after the outputs that preceded them."""
         from vllm.v1.engine import EngineCoreOutputs
 
-        batch = [*(await self._outputs.get()).outputs]
+        for failure in self._due:
+            self._fail(failure.request_id, failure.error)
+        self._due = []
+        items = [await self._outputs.get()]
         while not self._outputs.empty():
-            batch.extend(self._outputs.get_nowait().outputs)
-        return EngineCoreOutputs(outputs=batch)
+            items.append(self._outputs.get_nowait())
+        self._due = [item for item in items if isinstance(item, _Failure)]
+        return EngineCoreOutputs(outputs=[item for item in items if not isinstance(item, _Failure)])
 
     async def abort_requests_async(self, request_ids: Iterable[str]) -> None:
         for request_id in request_ids:
