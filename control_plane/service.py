@@ -58,7 +58,6 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
             decode=control_plane_pb2.WorkerEndpoint(worker_id=decode.worker_id, address=decode.address,
                                                     kv_address=decode.kv_address),
             transfer_id=transfer.transfer_id,
-            transfer_ttl_ms=int(self._transfers.ttl_s * 1000),
         )
 
     async def ReportTransfer(self, request: control_plane_pb2.TransferReport, context):

@@ -38,16 +38,14 @@ class WorkerEndpoint(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., kv_address: _Optional[str] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("prefill", "decode", "transfer_id", "transfer_ttl_ms")
+    __slots__ = ("prefill", "decode", "transfer_id")
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
-    TRANSFER_TTL_MS_FIELD_NUMBER: _ClassVar[int]
     prefill: WorkerEndpoint
     decode: WorkerEndpoint
     transfer_id: str
-    transfer_ttl_ms: int
-    def __init__(self, prefill: _Optional[_Union[WorkerEndpoint, _Mapping]] = ..., decode: _Optional[_Union[WorkerEndpoint, _Mapping]] = ..., transfer_id: _Optional[str] = ..., transfer_ttl_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, prefill: _Optional[_Union[WorkerEndpoint, _Mapping]] = ..., decode: _Optional[_Union[WorkerEndpoint, _Mapping]] = ..., transfer_id: _Optional[str] = ...) -> None: ...
 
 class TransferReport(_message.Message):
     __slots__ = ("transfer_id", "outcome", "bytes", "tokens", "detail")
