@@ -42,3 +42,7 @@ bench-kv: setup
 .PHONY: bench-serve
 bench-serve: setup
 	$(PY) -m bench.serve $(ARGS)
+
+.PHONY: bench-handoff
+bench-handoff: setup
+	$(PY) -m bench.handoff $(ARGS)
