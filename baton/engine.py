@@ -93,7 +93,7 @@ class Engine:
         from vllm.inputs import TokensPrompt
 
         if kv_transfer_params is not None:
-            params.extra_args = {"kv_transfer_params": kv_transfer_params}
+            params.extra_args = {**(params.extra_args or {}), "kv_transfer_params": kv_transfer_params}
         # aclosing: an early exit aborts the engine request at once, not when
         # the generator happens to be garbage-collected.
         stream = self._llm.generate(TokensPrompt(prompt_token_ids=token_ids), params, request_id)

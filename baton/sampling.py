@@ -66,6 +66,11 @@ def for_engine(params: SamplingParams, *, max_tokens: int, stream: bool,
     if not prompt_logprobs:
         engine.prompt_logprobs = None
         engine.skip_reading_prefix_cache = False
+    if engine.extra_args:
+        # A client's kv_transfer_params (vLLM copies them from the request
+        # body) must never steer a worker's connector: Baton sets its own.
+        engine.extra_args = {k: v for k, v in engine.extra_args.items()
+                             if k not in ("kv_transfer_params", "ec_transfer_params")} or None
     if engine.structured_outputs is not None:
         # Chosen again by the worker's engine, from its own configuration.
         engine.structured_outputs._backend = None

@@ -43,13 +43,20 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
             wanted = sampling.decode(request.sampling)
             if wanted.max_tokens is None or wanted.max_tokens < 1:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be >= 1")
-            params = sampling.for_engine(wanted, max_tokens=wanted.max_tokens, stream=True)
+            # Prefilling locally, this worker is the one to compute prompt logprobs.
+            local_prefill = not request.transfer_id and not request.HasField("first_token_id")
+            params = sampling.for_engine(wanted, max_tokens=wanted.max_tokens, stream=True,
+                                         prompt_logprobs=local_prefill)
             async with contextlib.aclosing(
                     self._engine.generate(prompt, params, request.request_id, kv_params)) as outputs:
                 async for output in outputs:
                     completion = output.outputs[0]
                     produced += len(completion.token_ids)
                     message = decode_pb2.DecodeResponse(tokens=generated_tokens(completion, wanted.logprobs))
+                    if params.prompt_logprobs is not None and output.prompt_logprobs and produced == len(
+                            completion.token_ids):  # the first message only
+                        message.prompt_logprobs.extend(sampling.logprob_rows(
+                            prompt[1:], output.prompt_logprobs[1:], params.prompt_logprobs))
                     if output.finished:
                         parsed = parse(output.kv_transfer_params)
                         report = parsed if isinstance(parsed, LoadReport) else None

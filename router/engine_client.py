@@ -65,6 +65,8 @@ class BatonEngineClient(AsyncLLM):
         self.output_handler = None
         self.profiler = None
         self._client_count = 1
+        self._elastic_ep_lock = asyncio.Lock()
+        self._profile_lock = asyncio.Lock()
         self._frontend_profiler_injected = False
         self._profile_session_guard_enabled = True
         self._profile_session_active = False
@@ -79,6 +81,10 @@ class BatonEngineClient(AsyncLLM):
             while (state := states.get(request_id)) is not None and state.queue is not None:
                 if state.queue.output is None:
                     state.queue.put(exc)
+                    # AsyncLLM.generate does not abort on GracefulHTTPError:
+                    # forget the request here, with its siblings when n > 1.
+                    owner = state.parent_req.request_id if state.parent_req else request_id
+                    await self.abort(owner, internal=True)
                     return
                 await asyncio.sleep(0.005)
 

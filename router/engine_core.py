@@ -96,6 +96,9 @@ class ClusterEngineCore:
     async def get_supported_tasks_async(self) -> tuple[str, ...]:
         return ("generate",)
 
+    def get_kv_event_sources(self) -> dict:
+        return {}  # the workers' engines publish their own
+
     async def add_request_async(self, request: EngineCoreRequest) -> None:
         engine_request = EngineRequest(request.request_id, list(request.prompt_token_ids),
                                        request.sampling_params)

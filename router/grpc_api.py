@@ -45,9 +45,10 @@ def sampling_params(s: inference_pb2.SamplingParams, defaults: dict):
         kwargs["structured_outputs"] = StructuredOutputsParams(json_object=True)
     elif which == "regex":
         kwargs["structured_outputs"] = StructuredOutputsParams(regex=s.regex)
-    kwargs.pop("max_tokens", None)
+    kwargs.pop("max_tokens", None)  # resolved against the prompt's length
     try:
-        return SamplingParams(
+        # from_optional, as vLLM's OpenAI server: it clamps logit_bias too.
+        return SamplingParams.from_optional(
             **kwargs, max_tokens=s.max_tokens or None, n=s.n or 1, stop=list(s.stop) or None,
             stop_token_ids=list(s.stop_token_ids) or None, ignore_eos=s.ignore_eos, min_tokens=s.min_tokens,
             logit_bias=dict(s.logit_bias) or None, include_stop_str_in_output=s.include_stop_str_in_output,
@@ -85,10 +86,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         raise _InvalidRequest("give one of prompt, chat or token_ids")
 
     async def Generate(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
         from vllm.exceptions import GracefulHTTPError, VLLMClientError
         from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
-        if request.model != self._model:
+        if request.model and request.model != self._model:  # none: the served one, as over HTTP
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"The model `{request.model}` does not exist. Available: {self._model}")
         request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
@@ -98,12 +101,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if not prompt_ids:
                 raise _InvalidRequest("the prompt is empty")
             params = sampling_params(request.sampling, self._defaults)
-            room = self._engine.model_config.max_model_len - len(prompt_ids)
-            if params.max_tokens is None:
-                params.max_tokens = max(room, 1)
+            max_model_len = self._engine.model_config.max_model_len
+            room = max_model_len - len(prompt_ids)
+            if room < 1:
+                raise _InvalidRequest(f"This model's maximum context length is {max_model_len} tokens. "
+                                      f"However, your prompt contains {len(prompt_ids)} input tokens.")
+            if params.max_tokens is None:  # the default, as vLLM's OpenAI server resolves it
+                params.max_tokens = get_max_tokens(max_model_len, None, len(prompt_ids), self._defaults)
             if params.max_tokens > room:
                 raise _InvalidRequest(
-                    f"This model's maximum context length is {self._engine.model_config.max_model_len} "
+                    f"This model's maximum context length is {max_model_len} "
                     f"tokens. However, you requested {params.max_tokens} output tokens and your prompt "
                     f"contains {len(prompt_ids)} input tokens.")
             produced: dict[int, int] = {}
@@ -120,6 +127,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except GracefulHTTPError as exc:
             await context.abort(_HTTP_TO_GRPC.get(exc.http_status, grpc.StatusCode.INTERNAL), exc.message)
+        except (EngineGenerateError, EngineDeadError) as exc:
+            cause = exc.__cause__ or exc
+            await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {cause}")
 
     @staticmethod
     def _message(request_id, output, choice, prompt_tokens: int, produced: int, logprobs: int | None):

@@ -158,7 +158,7 @@ class Pipeline:
         # A one-token answer needs no decode, so nothing to hand over.
         pushed_id = placement.transfer_id if max_tokens > 1 else ""
         handed_to_decode = False
-        outcome = common_pb2.KVLoadStats(transfer_id=pushed_id)
+        outcome = common_pb2.KVLoadStats()  # the decode's own report, on its last message
         try:
             first = await self._prefill(request, placement, pushed_id)
             if first is None:  # prefill worker unreachable: decode prefills locally
@@ -207,7 +207,8 @@ class Pipeline:
                              nbytes=outcome.bytes, tokens=outcome.external_tokens)
             else:
                 self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
-                             detail="KV not loaded by the decode worker")
+                             detail="KV not loaded by the decode worker" if outcome.transfer_id else
+                             "decode ended before reporting its KV load (stop string, client gone or error)")
 
     async def _prefill(self, request: EngineRequest, placement: control_plane_pb2.Placement,
                        transfer_id: str) -> prefill_pb2.PrefillResponse | None:
@@ -264,7 +265,7 @@ class Pipeline:
                     outcome.CopyFrom(item.kv)
                 finished = tokens.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
                 if tokens.token_ids or finished:
-                    yield Step(tokens, outcome if finished else None)
+                    yield Step(tokens, outcome if finished else None, list(item.prompt_logprobs))
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, f"decode worker {placement.decode.worker_id}") from exc
         finally:

@@ -22,9 +22,11 @@ class DecodeRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.EngineSampling, _Mapping]] = ..., transfer_id: _Optional[str] = ..., first_token_id: _Optional[int] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
-    __slots__ = ("tokens", "kv")
+    __slots__ = ("tokens", "kv", "prompt_logprobs")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     tokens: _common_pb2.GeneratedTokens
     kv: _common_pb2.KVLoadStats
-    def __init__(self, tokens: _Optional[_Union[_common_pb2.GeneratedTokens, _Mapping]] = ..., kv: _Optional[_Union[_common_pb2.KVLoadStats, _Mapping]] = ...) -> None: ...
+    prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.PositionLogprobs]
+    def __init__(self, tokens: _Optional[_Union[_common_pb2.GeneratedTokens, _Mapping]] = ..., kv: _Optional[_Union[_common_pb2.KVLoadStats, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.PositionLogprobs, _Mapping]]] = ...) -> None: ...

@@ -70,6 +70,8 @@ class BatonWorkerSide:
         self._finished_recving: set[str] = set()
         self._failed_recving: set[str] = set()
         self._kept: dict[str, dict[int, torch.Tensor]] = {}  # req_id → layer index → block, for restores
+        self._in_flight: set[str] = set()  # req_ids whose load runs
+        self._gone: set[str] = set()  # req_ids that finished while their load ran
         self._restores: list[tuple[int, dict[int, torch.Tensor]]] = []  # this step's (block id, kept)
 
     # --- set-up -----------------------------------------------------------
@@ -141,6 +143,8 @@ class BatonWorkerSide:
     # --- consumer ---------------------------------------------------------
     def start_load(self, meta: BatonConnectorMetadata) -> None:
         for spec in meta.loads:
+            with self._lock:
+                self._in_flight.add(spec.req_id)
             self._load_pool.submit(self._run_load, spec)
 
     def _run_load(self, spec: LoadSpec) -> None:
@@ -157,6 +161,12 @@ class BatonWorkerSide:
             with self._lock:
                 self._failed_recving.add(spec.req_id)
                 self._finished_recving.add(spec.req_id)
+        finally:
+            with self._lock:
+                self._in_flight.discard(spec.req_id)
+                if spec.req_id in self._gone:  # aborted meanwhile: nobody will restore
+                    self._gone.discard(spec.req_id)
+                    self._kept.pop(spec.req_id, None)
 
     def _load(self, spec: LoadSpec) -> int:
         header, chunks = self._receiver.fetch(spec.transfer_id, self._fetch_timeout_ms)
@@ -204,6 +214,8 @@ class BatonWorkerSide:
         with self._lock:
             for req_id in finished_req_ids:  # ended before its restore (aborted)
                 self._kept.pop(req_id, None)
+                if req_id in self._in_flight:
+                    self._gone.add(req_id)
             results = KVConnectorTransferResults(
                 finished_recving=self._finished_recving, failed_recving=self._failed_recving)
             self._finished_recving = set()

@@ -66,6 +66,12 @@ def test_a_request_without_model_gets_the_served_one_as_with_vllm(stack, referen
         assert response.status_code == 200 and response.json()["model"] == MODEL
 
 
+def test_unknown_fields_are_ignored_as_with_vllm(stack, reference):
+    body = _chat(max_tokens=4, frobnicate=1, metadata={"team": "x"})
+    for base in (stack.http_base, f"{reference}/v1"):
+        assert httpx.post(f"{base}/chat/completions", json=body, timeout=120).status_code == 200
+
+
 def test_still_serving_after_bad_input(stack):
     response = httpx.post(f"{stack.http_base}/chat/completions", timeout=120, json={
         "model": MODEL, "max_tokens": 16, "temperature": 0,

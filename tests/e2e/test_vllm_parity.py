@@ -193,7 +193,8 @@ def test_stop_string_across_the_first_two_tokens(stack, reference):
 def test_stop_token_ids_min_tokens_and_ignore_eos(stack, tokenizer, reference):
     period = tokenizer.encode(".")[0]
     for extra in ({"stop_token_ids": [period]}, {"min_tokens": 20, "max_tokens": 24},
-                  {"ignore_eos": True, "max_tokens": 40}):
+                  {"ignore_eos": True, "max_tokens": 40},
+                  {"ignore_eos": True, "max_tokens": 40, "skip_special_tokens": False}):
         body = chat("Name one planet.", **{"temperature": 0, "max_tokens": 32, **extra})
         assert_same(*both(stack, reference, "/chat/completions", body))
 

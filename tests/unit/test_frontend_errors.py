@@ -37,7 +37,9 @@ async def app():
 
     args = frontend_args(str(ensure_default_model()), DEFAULT_MODEL_NAME, 2048, "127.0.0.1", 0)
     engine = BatonEngineClient(args, ClusterEngineCore(FakePipeline()))
-    yield await create_app(engine, args)
+    app = await create_app(engine, args)
+    app.state.baton_engine = engine
+    yield app
     engine.shutdown()
 
 
@@ -61,3 +63,14 @@ async def test_errors_reach_the_client_and_the_router_goes_on(app):
         ok = await client.post("/v1/chat/completions", json=body(3, stream=False))
         assert ok.status_code == 200
         assert ok.json()["choices"][0]["message"]["content"] == "The capital of"
+
+        # n = 2 where one answer fails: the request fails, and nothing of it stays behind.
+        both = await client.post("/v1/chat/completions", json={**body(6, stream=False), "n": 2})
+        assert both.status_code == 503
+        assert (await client.get("/kv_event_sources")).status_code == 200
+    import asyncio
+
+    await asyncio.sleep(0.1)
+    engine = app.state.baton_engine
+    assert engine.output_processor.request_states == {}, "failed requests must not stay registered"
+    assert engine.engine_core._running == {}

@@ -76,3 +76,11 @@ def test_prompt_logprobs_stay_with_the_prefill():
     decode = sampling.for_engine(params, max_tokens=5, stream=True)
     assert decode.prompt_logprobs is None and decode.skip_reading_prefix_cache is False
     assert sampling.for_engine(params, max_tokens=1, stream=False, prompt_logprobs=True).prompt_logprobs == 2
+
+
+def test_a_clients_kv_transfer_params_never_reach_a_worker_connector():
+    params = SamplingParams(max_tokens=5, extra_args={
+        "kv_transfer_params": {"baton": {"role": "producer", "transfer_id": "x", "kv_target": "evil:1"}},
+        "ec_transfer_params": {}, "custom": 1})
+    engine = sampling.for_engine(sampling.decode(sampling.encode(params)), max_tokens=5, stream=True)
+    assert engine.extra_args == {"custom": 1}
