@@ -31,6 +31,8 @@ _WORKER_FLAGS: list[tuple[str, str, type, str]] = [
     ("--kv-cache-gib", "kv_cache_gib", int, "CPU build: KV cache space in GiB"),
     ("--gpu-memory-utilization", "gpu_memory_utilization", float, "CUDA build: GPU memory fraction"),
     ("--kv-fetch-timeout-ms", "kv_fetch_timeout_ms", int, "decode: wait this long for KV, then recompute"),
+    ("--kv-push-start-timeout-ms", "kv_push_start_timeout_ms", int,
+     "decode: recompute at once if the KV push has not begun by then"),
 ]
 _ROUTER_FLAGS: list[tuple[str, str, type, str]] = [
     ("--http-port", "http_port", int, "OpenAI-compatible HTTP port"),

@@ -53,6 +53,9 @@ class Settings:
     """Skip torch.compile: start in ~45 s instead of ~4 min on this CPU."""
     kv_fetch_timeout_ms: int = 15_000
     """Decode: how long to wait for a prompt's KV before recomputing it."""
+    kv_push_start_timeout_ms: int = 3_000
+    """Decode: recompute at once when a prompt's KV push has not even begun
+    by then (the prefill worker opens it before answering its first token)."""
     staging_capacity_mib: int = 1024
     """Decode: bound on KV bytes staged and not yet loaded."""
     staging_ttl_s: float = 60.0

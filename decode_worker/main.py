@@ -35,6 +35,7 @@ async def serve(settings: Settings) -> None:
         await run_worker(
             "decode", settings, "kv_consumer", bindings,
             connector_options={"fetch_address": local_kv, "fetch_timeout_ms": settings.kv_fetch_timeout_ms,
+                               "push_start_timeout_ms": settings.kv_push_start_timeout_ms,
                                "chunk_bytes": settings.kv_chunk_bytes},
             kv_address=advertised(settings, kv_port),
         )

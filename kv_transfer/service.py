@@ -55,9 +55,12 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
 
     async def Fetch(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext):
         timeout_s = (request.wait_timeout_ms or 10_000) / 1000
+        start_timeout_s = request.start_timeout_ms / 1000 if request.start_timeout_ms else None
         try:
-            staged = await self._store.take(request.transfer_id, timeout_s)
+            staged = await self._store.take(request.transfer_id, timeout_s, start_timeout_s)
         except TransferUnavailable as exc:
+            log.warning("kv fetch given up; the decode engine recomputes", transfer_id=request.transfer_id,
+                        error=str(exc))
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
             return
         yield pb.KVChunk(header=staged.header)
@@ -80,4 +83,5 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
             expired_total=c["expired"],
             rejected_total=c["rejected"],
             failed_total=c["failed"],
+            never_started_total=c["never_started"],
         )

@@ -71,7 +71,8 @@ class StagingStore:
         self._waiters: dict[str, asyncio.Event] = {}
         self._history: OrderedDict[str, TransferRecord] = OrderedDict()
         self._history_size = history
-        self.counters = {"received": 0, "fetched": 0, "expired": 0, "rejected": 0, "failed": 0}
+        self.counters = {"received": 0, "fetched": 0, "expired": 0, "rejected": 0, "failed": 0,
+                         "never_started": 0}
 
     @property
     def staged_bytes(self) -> int:
@@ -144,10 +145,15 @@ class StagingStore:
         self.counters["failed"] += 1
 
     # --- consumer side ----------------------------------------------------
-    async def take(self, transfer_id: str, timeout_s: float) -> StagedTransfer:
+    async def take(self, transfer_id: str, timeout_s: float, start_timeout_s: float | None = None) -> StagedTransfer:
         """Wait until the transfer is complete, then hand it over and forget
-        it: the caller owns the bytes from here on."""
-        deadline = time.monotonic() + timeout_s
+        it: the caller owns the bytes from here on. A push that has not even
+        started within ``start_timeout_s`` is given up at once: the producer
+        opens its push before it answers its first token, so by now it failed."""
+        started = time.monotonic()
+        deadline = started + timeout_s
+        if start_timeout_s is not None:
+            deadline = min(deadline, started + start_timeout_s)
         while True:
             staged = self._staged.get(transfer_id)
             if staged is not None and staged.state is TransferState.COMPLETE:
@@ -159,8 +165,14 @@ class StagingStore:
                 raise TransferUnavailable(f"transfer {transfer_id} {past.state.value}: {past.reason}")
             if past is not None:
                 raise TransferUnavailable(f"transfer {transfer_id} was already fetched")
+            if staged is not None:  # begun: wait for the rest up to the full timeout
+                deadline = started + timeout_s
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if staged is None and start_timeout_s is not None and start_timeout_s < timeout_s:
+                    self.counters["never_started"] += 1
+                    raise TransferUnavailable(
+                        f"transfer {transfer_id}: its push never started within {start_timeout_s:.1f} s")
                 raise TransferUnavailable(f"transfer {transfer_id} did not arrive within {timeout_s:.1f} s")
             event = self._waiters.setdefault(transfer_id, asyncio.Event())
             try:

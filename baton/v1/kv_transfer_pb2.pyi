@@ -67,19 +67,21 @@ class PushAck(_message.Message):
     def __init__(self, bytes: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("transfer_id", "wait_timeout_ms")
+    __slots__ = ("transfer_id", "wait_timeout_ms", "start_timeout_ms")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     WAIT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    START_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     wait_timeout_ms: int
-    def __init__(self, transfer_id: _Optional[str] = ..., wait_timeout_ms: _Optional[int] = ...) -> None: ...
+    start_timeout_ms: int
+    def __init__(self, transfer_id: _Optional[str] = ..., wait_timeout_ms: _Optional[int] = ..., start_timeout_ms: _Optional[int] = ...) -> None: ...
 
 class KVStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class KVStats(_message.Message):
-    __slots__ = ("staged_bytes", "staged_transfers", "received_total", "fetched_total", "expired_total", "rejected_total", "failed_total")
+    __slots__ = ("staged_bytes", "staged_transfers", "received_total", "fetched_total", "expired_total", "rejected_total", "failed_total", "never_started_total")
     STAGED_BYTES_FIELD_NUMBER: _ClassVar[int]
     STAGED_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +89,7 @@ class KVStats(_message.Message):
     EXPIRED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REJECTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     FAILED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    NEVER_STARTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     staged_bytes: int
     staged_transfers: int
     received_total: int
@@ -94,4 +97,5 @@ class KVStats(_message.Message):
     expired_total: int
     rejected_total: int
     failed_total: int
-    def __init__(self, staged_bytes: _Optional[int] = ..., staged_transfers: _Optional[int] = ..., received_total: _Optional[int] = ..., fetched_total: _Optional[int] = ..., expired_total: _Optional[int] = ..., rejected_total: _Optional[int] = ..., failed_total: _Optional[int] = ...) -> None: ...
+    never_started_total: int
+    def __init__(self, staged_bytes: _Optional[int] = ..., staged_transfers: _Optional[int] = ..., received_total: _Optional[int] = ..., fetched_total: _Optional[int] = ..., expired_total: _Optional[int] = ..., rejected_total: _Optional[int] = ..., failed_total: _Optional[int] = ..., never_started_total: _Optional[int] = ...) -> None: ...

@@ -42,6 +42,7 @@ class ConnectorOptions:
 
     fetch_address: str = ""  # consumer: host:port of this worker's KVTransfer endpoint
     fetch_timeout_ms: int = 15_000  # consumer: wait for the push this long, then recompute
+    push_start_timeout_ms: int = 3_000  # consumer: recompute at once if the push has not begun by then
     chunk_bytes: int = 1 << 20  # producer: bytes per wire message
 
     @classmethod
@@ -83,7 +84,7 @@ class BatonConnector(KVConnectorBase_V1):
             receiver = GrpcStreamReceiver(options.fetch_address)
         self._worker_side = BatonWorkerSide(
             _model_signature(vllm_config), block_size, kv_cache_config.num_blocks,
-            sender, receiver, options.fetch_timeout_ms,
+            sender, receiver, options.fetch_timeout_ms, options.push_start_timeout_ms,
         )
 
     @property

@@ -50,13 +50,15 @@ class _Push:
 
 class BatonWorkerSide:
     def __init__(self, layout_signature: str, block_size: int, num_blocks: int,
-                 sender: KVSender | None, receiver: KVReceiver | None, fetch_timeout_ms: int):
+                 sender: KVSender | None, receiver: KVReceiver | None, fetch_timeout_ms: int,
+                 push_start_timeout_ms: int = 0):
         self._signature = layout_signature
         self._block_size = block_size
         self._num_blocks = num_blocks
         self._sender = sender
         self._receiver = receiver
         self._fetch_timeout_ms = fetch_timeout_ms
+        self._push_start_timeout_ms = push_start_timeout_ms
         self._caches: dict[str, torch.Tensor] = {}
         self._block_dims: dict[str, int] = {}
         self._layer_index: dict[str, int] = {}
@@ -169,7 +171,8 @@ class BatonWorkerSide:
                     self._kept.pop(spec.req_id, None)
 
     def _load(self, spec: LoadSpec) -> int:
-        header, chunks = self._receiver.fetch(spec.transfer_id, self._fetch_timeout_ms)
+        header, chunks = self._receiver.fetch(spec.transfer_id, self._fetch_timeout_ms,
+                                              self._push_start_timeout_ms)
         mine = self.layout.layout_hash()
         if header.layout_hash != mine:
             raise WireError(

@@ -25,5 +25,7 @@ class KVSender(Protocol):
 
 
 class KVReceiver(Protocol):
-    def fetch(self, transfer_id: str, wait_timeout_ms: int) -> tuple[pb.KVHeader, Iterator[pb.KVData]]:
-        """Block until the transfer is staged; return its header and chunks."""
+    def fetch(self, transfer_id: str, wait_timeout_ms: int,
+              start_timeout_ms: int = 0) -> tuple[pb.KVHeader, Iterator[pb.KVData]]:
+        """Block until the transfer is staged; return its header and chunks.
+        Raise at once if its push has not begun within ``start_timeout_ms``."""

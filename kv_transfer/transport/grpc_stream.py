@@ -65,9 +65,11 @@ class GrpcStreamReceiver:
         self._address = address
         self._channels = _ChannelCache()
 
-    def fetch(self, transfer_id: str, wait_timeout_ms: int) -> tuple[pb.KVHeader, Iterator[pb.KVData]]:
+    def fetch(self, transfer_id: str, wait_timeout_ms: int,
+              start_timeout_ms: int = 0) -> tuple[pb.KVHeader, Iterator[pb.KVData]]:
         stream = self._channels.stub(self._address).Fetch(
-            pb.FetchRequest(transfer_id=transfer_id, wait_timeout_ms=wait_timeout_ms),
+            pb.FetchRequest(transfer_id=transfer_id, wait_timeout_ms=wait_timeout_ms,
+                            start_timeout_ms=start_timeout_ms),
             timeout=wait_timeout_ms / 1000 + 60,
         )
         first = next(stream)

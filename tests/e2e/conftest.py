@@ -24,8 +24,10 @@ from tests.e2e.prompts import LONG_TASKS, SHORT_QUESTIONS
 
 REPO = Path(__file__).resolve().parents[2]
 PARITY_MAX_TOKENS = 24
-# Short, so the test of a transfer that never arrives does not wait long.
-KV_FETCH_TIMEOUT_MS = 4000
+# A transfer whose push never starts is given up after the short start
+# timeout, long before the fetch timeout (the test of it checks which).
+KV_FETCH_TIMEOUT_MS = 60_000
+KV_PUSH_START_TIMEOUT_MS = 2_000
 
 
 @dataclass
@@ -154,7 +156,8 @@ def _read_until(proc: subprocess.Popen, marker: str, timeout_s: float) -> list[s
 def stack(etcd, model_path, vllm_serve, tmp_path_factory) -> Stack:
     log_dir = tmp_path_factory.mktemp("stack-logs")
     http_port, grpc_port, cp_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "BATON_KV_FETCH_TIMEOUT_MS": str(KV_FETCH_TIMEOUT_MS)}
+    env = {**os.environ, "BATON_KV_FETCH_TIMEOUT_MS": str(KV_FETCH_TIMEOUT_MS),
+           "BATON_KV_PUSH_START_TIMEOUT_MS": str(KV_PUSH_START_TIMEOUT_MS)}
     proc = subprocess.Popen(
         baton_command("up", "--etcd", etcd.endpoint, "--http-port", str(http_port),
                       "--router-grpc-port", str(grpc_port), "--control-plane", f"127.0.0.1:{cp_port}",

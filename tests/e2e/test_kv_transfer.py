@@ -80,6 +80,12 @@ def test_kv_that_never_arrives_is_recomputed_correctly(stack, tokenizer, grpc_ch
     assert messages[-1].kv.recomputed is True
     assert messages[-1].kv.external_tokens == 0
     assert got == expected
+    # Given up because the push never began, not after the 60 s fetch timeout,
+    # said at warning level and counted.
+    warnings = [json.loads(line) for line in (stack.log_dir / "decode-0.log").read_text().splitlines()
+                if line.startswith("{") and "transfer-that-nobody-pushes" in line]
+    assert any(w["level"] == "warning" and "never started" in w.get("error", "") for w in warnings), warnings
+    assert _staging_stats(stack).never_started_total >= 1
 
 
 def test_kv_of_an_answer_that_ends_at_the_first_token_is_freed(stack):

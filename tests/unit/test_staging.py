@@ -88,3 +88,29 @@ def test_discard_frees_staged_kv_and_refuses_a_late_push():
     assert store.discard("late") == 0
     with pytest.raises(WireError, match="discarded"):
         store.begin(header("late"))
+
+
+async def test_a_push_that_never_started_is_given_up_at_once():
+    store = StagingStore(capacity_bytes=1 << 20, ttl_s=60)
+    with pytest.raises(TransferUnavailable, match="never started within 0.1 s"):
+        await store.take("t1", timeout_s=30, start_timeout_s=0.1)
+    assert store.counters["never_started"] == 1
+
+
+async def test_a_push_under_way_is_waited_for_past_the_start_timeout():
+    store = StagingStore(capacity_bytes=1 << 20, ttl_s=60)
+    h = header()
+    staged = store.begin(h)  # begun: the header arrived
+
+    async def finish_later():
+        await asyncio.sleep(0.3)
+        size = layer_payload_bytes(h)
+        for layer in range(len(h.layer_names)):
+            for chunk in chunk_layer(layer, memoryview(bytes(size)), 100):
+                store.add(staged, chunk.data)
+        store.complete(staged)
+
+    later = asyncio.create_task(finish_later())
+    got = await store.take("t1", timeout_s=5, start_timeout_s=0.1)
+    await later
+    assert got.state is TransferState.CONSUMED and store.counters["never_started"] == 0
