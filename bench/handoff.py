@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
 from baton.model_store import DEFAULT_MODEL_NAME, ensure_default_model
-from baton.rpc import free_port
-from bench.serve import RESULTS, stop, wait_http
+from bench.serve import RESULTS
+from bench.servers import baton_up, vllm_serve
 from tests.e2e.prompts import long_document
 
 MAX_MODEL_LEN = 8192  # SmolLM2 allows 8k
@@ -71,37 +68,13 @@ def measure(base: str, lengths: list[int], count: int, output_tokens: int) -> di
 
 
 def run_vllm(args, log_dir: Path) -> dict:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-                             "--model", str(ensure_default_model()), "--served-model-name", DEFAULT_MODEL_NAME,
-                             "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), "--port", str(port),
-                             "--disable-log-stats"],
-                            stdout=open(log_dir / "vllm.log", "wb"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, start_new_session=True)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc, 900)
-        return measure(f"http://127.0.0.1:{port}", args.lengths, args.requests, args.output_tokens)
-    finally:
-        stop(proc)
+    with vllm_serve(log_dir, max_model_len=MAX_MODEL_LEN, kv_cache_gib=1) as base:
+        return measure(base, args.lengths, args.requests, args.output_tokens)
 
 
 def run_baton(args, log_dir: Path) -> dict:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "baton.cli", "up", "--http-port", str(port),
-                             "--router-grpc-port", str(free_port()), "--control-plane", f"127.0.0.1:{free_port()}",
-                             "--max-model-len", str(MAX_MODEL_LEN), "--log-dir", str(log_dir / "baton")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc, 900)
-        deadline = time.monotonic() + 600  # both workers registered: a real answer comes back
-        while httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120, json={
-                "model": DEFAULT_MODEL_NAME, "prompt": "hi", "max_tokens": 2}).status_code != 200:
-            if time.monotonic() > deadline:
-                raise RuntimeError("baton up did not answer")
-            time.sleep(2)
-        return measure(f"http://127.0.0.1:{port}", args.lengths, args.requests, args.output_tokens)
-    finally:
-        stop(proc)
+    with baton_up(log_dir / "baton", "--max-model-len", str(MAX_MODEL_LEN)) as base:
+        return measure(base, args.lengths, args.requests, args.output_tokens)
 
 
 def main() -> None:

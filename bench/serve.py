@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,7 +29,7 @@ from pathlib import Path
 import httpx
 
 from baton.model_store import DEFAULT_MODEL_NAME, ensure_default_model
-from baton.rpc import free_port
+from bench.servers import baton_up, vllm_serve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 7
@@ -137,47 +135,9 @@ async def run_load(base: str, prompts: list[str], rate: float, max_tokens: int) 
             "output_tokens_per_s": sum(r["tokens"] for r in results) / wall}
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"{url} not healthy within {timeout_s} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
 def bench_baton(args, prompts, log_dir: Path) -> dict:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "baton.cli", "up", "--http-port", str(port),
-                             "--router-grpc-port", str(free_port()), "--control-plane", f"127.0.0.1:{free_port()}",
-                             "--log-dir", str(log_dir / "baton")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc, 900)
-        # The router answers before both workers registered: wait for a real answer.
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
-                           json={"model": DEFAULT_MODEL_NAME, "prompt": "hi", "max_tokens": 2})
-            if r.status_code == 200:
-                break
-            time.sleep(2)
-        return measure(args, prompts, f"http://127.0.0.1:{port}", log_dir / "baton")
-    finally:
-        stop(proc)
+    with baton_up(log_dir / "baton") as base:
+        return measure(args, prompts, base, log_dir / "baton")
 
 
 def measure(args, prompts, base: str, out_dir: Path) -> dict:
@@ -189,19 +149,8 @@ def measure(args, prompts, base: str, out_dir: Path) -> dict:
 
 
 def bench_vllm(args, prompts, log_dir: Path) -> dict:
-    port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
-    log = open(log_dir / "vllm.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-                             "--model", str(ensure_default_model()), "--served-model-name", DEFAULT_MODEL_NAME,
-                             "--enforce-eager", "--max-model-len", "2048", "--port", str(port),
-                             "--disable-log-stats"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc, 900)
-        return measure(args, prompts, f"http://127.0.0.1:{port}", log_dir / "vllm")
-    finally:
-        stop(proc)
+    with vllm_serve(log_dir) as base:
+        return measure(args, prompts, base, log_dir / "vllm")
 
 
 def main() -> None:
