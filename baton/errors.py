@@ -13,7 +13,6 @@ import grpc
 class BatonError(Exception):
     grpc_code = grpc.StatusCode.INTERNAL
     http_status = 500
-    openai_type = "internal_error"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -25,7 +24,6 @@ class BatonError(Exception):
 class ClientError(BatonError):
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
     http_status = 400
-    openai_type = "invalid_request_error"
 
 
 class NotFoundError(ClientError):
@@ -36,7 +34,6 @@ class NotFoundError(ClientError):
 class RetryableError(BatonError):
     grpc_code = grpc.StatusCode.UNAVAILABLE
     http_status = 503
-    openai_type = "service_unavailable"
 
 
 class NoCapacityError(RetryableError):
@@ -60,18 +57,3 @@ def from_rpc_error(exc: grpc.aio.AioRpcError | grpc.RpcError, what: str) -> Bato
     details = exc.details() if hasattr(exc, "details") else str(exc)
     cls = _FROM_GRPC.get(code, BatonError)
     return cls(f"{what}: {details or code.name}")
-
-
-async def abort_with(context: grpc.aio.ServicerContext, exc: BatonError) -> None:
-    await context.abort(exc.grpc_code, exc.message)
-
-
-def openai_error_body(exc: BatonError) -> dict:
-    return {
-        "error": {
-            "message": exc.message,
-            "type": exc.openai_type,
-            "param": exc.param,
-            "code": exc.code,
-        }
-    }

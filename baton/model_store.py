@@ -98,15 +98,6 @@ def _ensure_sampling_defaults(model_dir: Path) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def sampling_defaults(model_dir: Path) -> dict[str, float]:
-    """temperature/top_p a request gets when it gives none, as vLLM does."""
-    import json
-
-    path = model_dir / "generation_config.json"
-    config = json.loads(path.read_text()) if path.exists() else {}
-    return {k: float(config[k]) for k in ("temperature", "top_p") if k in config}
-
-
 def resolve_model(model: str | None) -> Path:
     """``None`` or the default name → the embedded model; else a HF directory."""
     if not model or model == DEFAULT_MODEL_NAME:
