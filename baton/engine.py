@@ -35,17 +35,12 @@ def is_input_error(exc: BaseException) -> bool:
     return isinstance(exc, (VLLMClientError, ValueError))
 
 
-_FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
-
-
 def generated_tokens(completion, logprobs: int | None) -> common_pb2.GeneratedTokens:
     """A worker's answer so far: token ids and logprobs, never text."""
-    reason = completion.finish_reason
     message = common_pb2.GeneratedTokens(
         token_ids=list(completion.token_ids),
         logprobs=sampling.logprob_rows(completion.token_ids, completion.logprobs, logprobs),
-        finish_reason=(common_pb2.FINISH_REASON_UNSPECIFIED if reason is None
-                       else _FINISH.get(reason, common_pb2.FINISH_REASON_ABORT)))
+        finish_reason=sampling.finish_reason(completion.finish_reason))
     if isinstance(completion.stop_reason, int):
         message.stop_token_id = completion.stop_reason
     return message

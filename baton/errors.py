@@ -14,11 +14,9 @@ class BatonError(Exception):
     grpc_code = grpc.StatusCode.INTERNAL
     http_status = 500
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, message: str):
         super().__init__(message)
         self.message = message
-        self.param = param
-        self.code = code
 
 
 class ClientError(BatonError):

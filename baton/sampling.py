@@ -81,6 +81,16 @@ def for_engine(params: SamplingParams, *, max_tokens: int, stream: bool,
     return engine
 
 
+_FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
+
+
+def finish_reason(reason: str | None) -> int:
+    """vLLM's finish reason of an answer as the proto's (None: still running)."""
+    if reason is None:
+        return common_pb2.FINISH_REASON_UNSPECIFIED
+    return _FINISH.get(reason, common_pb2.FINISH_REASON_ABORT)
+
+
 def position_logprobs(token_id: int, candidates: dict[int, Logprob], k: int) -> common_pb2.PositionLogprobs:
     """One position of vLLM's per-token logprob dict as the engine produced
     it: the chosen token first, then the top ``k`` by rank."""
@@ -99,6 +109,12 @@ def logprob_rows(token_ids: Sequence[int], logprobs: Sequence[dict[int, Logprob]
         return []
     width = k if k >= 0 else max((len(c) for c in logprobs), default=0)
     return [position_logprobs(t, c, width) for t, c in zip(token_ids, logprobs, strict=True)]
+
+
+def prompt_logprob_rows(prompt: Sequence[int], prompt_logprobs: Sequence[dict[int, Logprob] | None],
+                        k: int) -> list[common_pb2.PositionLogprobs]:
+    """vLLM's prompt logprobs as rows: the first prompt token has none."""
+    return logprob_rows(prompt[1:], prompt_logprobs[1:], k)
 
 
 def logprobs_lists(rows: Sequence[common_pb2.PositionLogprobs]):

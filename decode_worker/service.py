@@ -55,8 +55,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
                     message = decode_pb2.DecodeResponse(tokens=generated_tokens(completion, wanted.logprobs))
                     if params.prompt_logprobs is not None and output.prompt_logprobs and produced == len(
                             completion.token_ids):  # the first message only
-                        message.prompt_logprobs.extend(sampling.logprob_rows(
-                            prompt[1:], output.prompt_logprobs[1:], params.prompt_logprobs))
+                        message.prompt_logprobs.extend(sampling.prompt_logprob_rows(
+                            prompt, output.prompt_logprobs, params.prompt_logprobs))
                     if output.finished:
                         parsed = parse(output.kv_transfer_params)
                         report = parsed if isinstance(parsed, LoadReport) else None

@@ -151,9 +151,6 @@ class StagingStore:
         started within ``start_timeout_s`` is given up at once: the producer
         opens its push before it answers its first token, so by now it failed."""
         started = time.monotonic()
-        deadline = started + timeout_s
-        if start_timeout_s is not None:
-            deadline = min(deadline, started + start_timeout_s)
         while True:
             staged = self._staged.get(transfer_id)
             if staged is not None and staged.state is TransferState.COMPLETE:
@@ -165,11 +162,11 @@ class StagingStore:
                 raise TransferUnavailable(f"transfer {transfer_id} {past.state.value}: {past.reason}")
             if past is not None:
                 raise TransferUnavailable(f"transfer {transfer_id} was already fetched")
-            if staged is not None:  # begun: wait for the rest up to the full timeout
-                deadline = started + timeout_s
-            remaining = deadline - time.monotonic()
+            # Not begun yet: the shorter start timeout bounds the wait.
+            waiting_for_start = staged is None and start_timeout_s is not None and start_timeout_s < timeout_s
+            remaining = started + (start_timeout_s if waiting_for_start else timeout_s) - time.monotonic()
             if remaining <= 0:
-                if staged is None and start_timeout_s is not None and start_timeout_s < timeout_s:
+                if waiting_for_start:
                     self.counters["never_started"] += 1
                     raise TransferUnavailable(
                         f"transfer {transfer_id}: its push never started within {start_timeout_s:.1f} s")

@@ -54,7 +54,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
                  cached_tokens=final.num_cached_tokens or 0, transfer_id=request.transfer_id)
         prompt_logprobs = []
         if wanted.prompt_logprobs is not None and final.prompt_logprobs:
-            ids = list(request.prompt_token_ids)
-            prompt_logprobs = sampling.logprob_rows(ids[1:], final.prompt_logprobs[1:], wanted.prompt_logprobs)
+            prompt_logprobs = sampling.prompt_logprob_rows(
+                list(request.prompt_token_ids), final.prompt_logprobs, wanted.prompt_logprobs)
         return prefill_pb2.PrefillResponse(first=first, cached_prompt_tokens=final.num_cached_tokens or 0,
                                            prompt_logprobs=prompt_logprobs)

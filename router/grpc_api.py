@@ -16,7 +16,6 @@ from baton.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from router.engine_client import BatonEngineClient
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
-_FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
 _HTTP_TO_GRPC = {HTTPStatus.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
                  HTTPStatus.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
                  HTTPStatus.SERVICE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
@@ -136,8 +135,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         message = inference_pb2.GenerateResponse(
             request_id=request_id, text=choice.text, token_ids=list(choice.token_ids), index=choice.index,
             prompt_tokens=prompt_tokens, completion_tokens=produced,
-            finish_reason=(_FINISH.get(choice.finish_reason, common_pb2.FINISH_REASON_ABORT)
-                           if choice.finish_reason else common_pb2.FINISH_REASON_UNSPECIFIED),
+            finish_reason=sampling.finish_reason(choice.finish_reason),
             logprobs=sampling.logprob_rows(choice.token_ids, choice.logprobs, logprobs))
         if isinstance(choice.stop_reason, int):
             message.stop_token_id = choice.stop_reason
