@@ -65,6 +65,10 @@ class Settings:
 
     # --- control plane ----------------------------------------------------
     control_plane_address: str = "127.0.0.1:50051"
+    kv_backend: str = "nixl"
+    """How KV moves from prefill to decode: "nixl" (one-sided reads between the
+    engines' caches; the fastest measured) or "grpc" (needs nothing else).
+    A pair that cannot use it falls back to grpc, logged at warning."""
     policy: str = "least-loaded"
     transfer_ttl_s: float = 330.0
     """Transfers not reported consumed or failed within this are expired;
@@ -137,6 +141,9 @@ def _validate(s: Settings) -> None:
         raise ValueError("lease_ttl_s must be >= 2 (the lease is refreshed every ttl/3 s)")
     if not 0 < s.kv_chunk_bytes <= 3 << 20:
         raise ValueError("kv_chunk_bytes must be in (0, 3 MiB]: gRPC refuses messages over 4 MiB")
+    from kv_transfer.transport import check_backend
+
+    check_backend(s.kv_backend)
     if s.transfer_ttl_s <= s.request_timeout_s:
         raise ValueError("transfer_ttl_s must exceed request_timeout_s, or running requests expire")
 

@@ -85,7 +85,8 @@ class LocalStack:
             self.etcd = EmbeddedEtcd(self.settings.host, prefer_port=2379).start()
             self.etcd_endpoint = self.etcd.endpoint
         common = self._common()
-        self._spawn("control-plane", ["control-plane", *common, "--policy", self.settings.policy])
+        self._spawn("control-plane", ["control-plane", *common, "--policy", self.settings.policy,
+                                      "--kv-backend", self.settings.kv_backend])
         cores = _cpu_plan(self.n_prefill + self.n_decode)
         kv_gib = str(self.settings.kv_cache_gib)
         for i in range(self.n_prefill):

@@ -30,6 +30,7 @@ class WorkerRecord:
     address: str  # host:port of the worker's gRPC service
     model: str  # served model name
     kv_address: str = ""  # decode: host:port of its KVTransfer endpoint
+    kv_endpoints: dict[str, str] = field(default_factory=dict)  # KV backend → how peers reach its engine
     labels: dict[str, str] = field(default_factory=dict)
     state: str = "ready"
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import shutil
 import signal
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +20,7 @@ from baton.model_store import resolve_model
 from baton.registry import Registration, WorkerRecord
 from baton.rpc import ServiceBinding, start_server
 from baton.telemetry import setup_tracing
+from kv_transfer.transport import available_backends
 
 log = get_logger(__name__)
 
@@ -50,11 +54,18 @@ async def run_worker(
     # loop free for what already serves (the decode worker's KVTransfer).
     model_path = await asyncio.to_thread(resolve_model, settings.model)
     name = served_name(settings, model_path)
+    # The engine's connector writes how peers reach its KV here, per backend.
+    endpoint_file = Path(tempfile.mkdtemp(prefix="baton-kv-")) / "endpoints.json"
+    backends = available_backends()
     engine = await asyncio.to_thread(Engine.start, EngineOptions(
         model_path=str(model_path),
         served_model_name=name,
         kv_role=kv_role,
-        connector_options=connector_options or {},
+        connector_options={**(connector_options or {}), "backends": list(backends),
+                           "endpoint_file": str(endpoint_file),
+                           # New on every start: a restarted worker is a new peer.
+                           "agent_name": f"{worker_id}-{uuid.uuid4().hex[:8]}",
+                           "offer_ttl_s": settings.staging_ttl_s},
         max_model_len=settings.max_model_len,
         enforce_eager=settings.enforce_eager,
         cpu_cores=settings.cpu_cores,
@@ -63,11 +74,16 @@ async def run_worker(
     ))
     server, port, health = await start_server(f"{role}-worker", make_bindings(engine), settings.host,
                                               settings.grpc_port)
+    kv_endpoints = json.loads(endpoint_file.read_text())
+    shutil.rmtree(endpoint_file.parent, ignore_errors=True)
+    if kv_address:
+        kv_endpoints["grpc"] = kv_address
     record = WorkerRecord(worker_id=worker_id, role=role, address=advertised(settings, port),
-                          model=name, kv_address=kv_address)
+                          model=name, kv_address=kv_address, kv_endpoints=kv_endpoints)
     registration = Registration(settings.etcd_endpoint, settings.etcd_prefix, record, settings.lease_ttl_s)
     await registration.start()
-    log.info("worker serving", worker_id=worker_id, address=record.address, kv_address=kv_address)
+    log.info("worker serving", worker_id=worker_id, address=record.address, kv_address=kv_address,
+             kv_backends=sorted(set(backends)))
     try:
         await wait_for_signal()
     finally:

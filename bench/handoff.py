@@ -1,8 +1,8 @@
 """The KV hand-off as a user sees it: one request at a time, long prompts,
-streamed through Baton (1 prefill + 1 decode worker) and through one plain
+streamed through Baton (1 prefill + 1 decode worker, each KV backend) and through one plain
 `vllm serve` in the same run.
 
-    python -m bench.handoff [--lengths 1024 4096] [--requests 5] [--output-tokens 16]
+    python -m bench.handoff [--lengths 1024 4096] [--requests 5] [--output-tokens 16] [--backends nixl grpc]
 
 Baton streams the first token from the prefill worker, so the hand-off
 shows as the pause between the first and the second token. Per prompt
@@ -29,14 +29,14 @@ from tests.e2e.prompts import long_document
 MAX_MODEL_LEN = 8192  # SmolLM2 allows 8k
 
 
-def prompts(length: int, count: int) -> list[list[int]]:
+def prompts(length: int, count: int, first: int = 0) -> list[list[int]]:
     """``count`` distinct token-id prompts of exactly ``length`` tokens (no
     prefix-cache hits between them)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(ensure_default_model()))
     out = []
-    for i in range(count):
+    for i in range(first, first + count):
         text = f"Request {i}. " + " ".join(long_document(i * 7 + s, 60) for s in range(1 + length // 900))
         ids = tokenizer(text).input_ids
         assert len(ids) >= length, "document too short for the prompt length"
@@ -44,9 +44,11 @@ def prompts(length: int, count: int) -> list[list[int]]:
     return out
 
 
-def one_request(base: str, prompt: list[int], output_tokens: int) -> dict:
+def one_request(base: str, prompt: list[int], output_tokens: int, backend: str = "") -> dict:
     body = {"model": DEFAULT_MODEL_NAME, "prompt": prompt, "max_tokens": output_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True}
+    if backend:  # Baton: the request picks its transfer backend
+        body["kv_transfer_params"] = {"kv_backend": backend}
     started = time.perf_counter()
     arrivals = []
     with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as response:
@@ -58,11 +60,14 @@ def one_request(base: str, prompt: list[int], output_tokens: int) -> dict:
     return {"ttft_s": arrivals[0], "second_token_pause_s": gaps[0], "itl_s": statistics.median(gaps[1:])}
 
 
-def measure(base: str, lengths: list[int], count: int, output_tokens: int) -> dict:
-    one_request(base, prompts(64, 1)[0], 4)  # warm up
+def measure(base: str, lengths: list[int], count: int, output_tokens: int, backend: str = "",
+            first: int = 0) -> dict:
+    """``first``: where this run's prompts start, so that no run hits
+    another's prefix cache."""
+    one_request(base, prompts(64, 1, first + 999)[0], 4, backend)  # warm up
     result = {}
     for length in lengths:
-        rows = [one_request(base, p, output_tokens) for p in prompts(length, count)]
+        rows = [one_request(base, p, output_tokens, backend) for p in prompts(length, count, first)]
         result[str(length)] = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
     return result
 
@@ -73,8 +78,10 @@ def run_vllm(args, log_dir: Path) -> dict:
 
 
 def run_baton(args, log_dir: Path) -> dict:
+    """Every backend on the same engines, one after the other."""
     with baton_up(log_dir / "baton", "--max-model-len", str(MAX_MODEL_LEN)) as base:
-        return measure(base, args.lengths, args.requests, args.output_tokens)
+        return {backend: measure(base, args.lengths, args.requests, args.output_tokens, backend, 100 * (i + 1))
+                for i, backend in enumerate(args.backends)}
 
 
 def main() -> None:
@@ -82,12 +89,13 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--requests", type=int, default=5, help="per length, one at a time")
     parser.add_argument("--output-tokens", type=int, default=16)
+    parser.add_argument("--backends", nargs="+", default=["nixl", "grpc"])
     args = parser.parse_args()
     log_dir = RESULTS / "handoff-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     vllm = run_vllm(args, log_dir)
     print("vLLM :", json.dumps(vllm), flush=True)
-    baton = {"grpc": run_baton(args, log_dir)}
+    baton = run_baton(args, log_dir)
     print("Baton:", json.dumps(baton), flush=True)
     ratios = {backend: {length: {"ttft_ratio": row["ttft_s"] / vllm[length]["ttft_s"],
                                  "gap_ratio": row["second_token_pause_s"] / vllm[length]["itl_s"]}

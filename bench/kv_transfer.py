@@ -10,8 +10,10 @@ shaped like SmolLM2-135M's KV on the CPU backend (30 layers, 96 KiB blocks of
 128 tokens), so 3 MiB ≈ one 128-token block across all layers; the bytes
 are a real bf16 tensor of that layout. Writes bench/results/kv_transfer.json
 (per backend and size: `gb_s`, `ratio_vs_tcp`, `ratio_vs_memcpy`) and .png.
-Backends today: `grpc` (push into the decode worker's staging store) and
-`grpc-fetch` (the engine's second hop out of it).
+Backends: `nixl` (the decode engine reads the blocks out of the prefill
+engine's registered cache into its own, checksums verified: the whole
+hand-over once the offer is known), `grpc` (push into the decode worker's
+staging store) and `grpc-fetch` (the engine's second hop out of it).
 """
 
 from __future__ import annotations
@@ -64,6 +66,45 @@ def _serve(grpc_port: int, tcp_port: int, ready) -> None:
     asyncio.run(main())
 
 
+def _kv_cache(num_blocks: int, seed: int):
+    from kv_transfer.transport.base import KVCache
+
+    generator = torch.Generator().manual_seed(seed)
+    layers = {f"layer.{i:02d}": torch.randn((num_blocks, *BLOCK_SHAPE), generator=generator).to(torch.bfloat16)
+              for i in range(LAYERS)}
+    return KVCache(layers, num_blocks, "bench", 128)
+
+
+def _nixl_producer(conn, num_blocks: int) -> None:
+    """A prefill engine's side: a registered cache; offers its blocks on request."""
+    from kv_transfer.connector.metadata import SaveSpec
+    from kv_transfer.transport.nixl import NixlBackend
+
+    producer = NixlBackend("bench-producer", offer_ttl_s=600)
+    producer.attach(_kv_cache(num_blocks, 1))
+    conn.send(producer.endpoint())
+    while (message := conn.recv()) is not None:
+        transfer_id, blocks, consumer = message
+        producer.send(SaveSpec(transfer_id, transfer_id, consumer, tuple(range(blocks)), blocks * 128, "",
+                               "nixl")).step_done()
+        producer._announcer.submit(lambda: None).result()
+        conn.send("offered")
+
+
+def _nixl_receive(consumer, conn, producer_endpoint: str, num_blocks: int) -> float:
+    from kv_transfer.connector.metadata import LoadSpec
+
+    transfer_id = uuid.uuid4().hex
+    conn.send((transfer_id, num_blocks, consumer.endpoint()))
+    assert conn.recv() == "offered"
+    started = time.perf_counter()
+    received = consumer.receive(LoadSpec(transfer_id, transfer_id, tuple(range(num_blocks)), 0, num_blocks * 128,
+                                         -1, "nixl", producer_endpoint))
+    seconds = time.perf_counter() - started
+    assert received.bytes == num_blocks * LAYERS * BLOCK_BYTES
+    return seconds
+
+
 def _push_and_fetch(sender, receiver, target: str, payload: memoryview, num_blocks: int) -> tuple[float, float]:
     from kv_transfer.wire import KVLayout
 
@@ -110,6 +151,16 @@ def main() -> None:
     sock = socket.create_connection(("127.0.0.1", tcp_port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    from kv_transfer.transport.nixl import NixlBackend
+
+    max_blocks = max(1, round(max(args.sizes_mib) * (1 << 20) / (LAYERS * BLOCK_BYTES)))
+    conn, child_conn = mp.get_context("spawn").Pipe()
+    producer = mp.get_context("spawn").Process(target=_nixl_producer, args=(child_conn, max_blocks), daemon=True)
+    producer.start()
+    producer_endpoint = conn.recv()
+    consumer = NixlBackend("bench-consumer")
+    consumer.attach(_kv_cache(max_blocks, 2))
+
     rows, results = [], []
     for size_mib in args.sizes_mib:
         num_blocks = max(1, round(size_mib * (1 << 20) / (LAYERS * BLOCK_BYTES)))
@@ -117,11 +168,13 @@ def main() -> None:
         payload = memoryview(kv.view(torch.uint8).numpy()).cast("B")
         _push_and_fetch(sender, receiver, target, payload, num_blocks)  # warm-up
         _raw_tcp(sock, payload)
-        push, fetch, tcp, copy = [], [], [], []
+        _nixl_receive(consumer, conn, producer_endpoint, num_blocks)
+        push, fetch, nixl, tcp, copy = [], [], [], [], []
         for _ in range(args.repeats):
             p, f = _push_and_fetch(sender, receiver, target, payload, num_blocks)
             push.append(p)
             fetch.append(f)
+            nixl.append(_nixl_receive(consumer, conn, producer_endpoint, num_blocks))
             tcp.append(_raw_tcp(sock, payload))
             started = time.perf_counter()
             bytearray(payload)
@@ -130,18 +183,21 @@ def main() -> None:
             return nbytes / statistics.median(seconds) / 1e9
 
         row = {"bytes": len(payload), "tokens": num_blocks * 128,
-               "grpc_push_gbps": gbps(push), "grpc_fetch_gbps": gbps(fetch),
+               "nixl_gbps": gbps(nixl), "grpc_push_gbps": gbps(push), "grpc_fetch_gbps": gbps(fetch),
                "raw_tcp_gbps": gbps(tcp), "memcpy_gbps": gbps(copy)}
         row["push_vs_raw_tcp"] = row["grpc_push_gbps"] / row["raw_tcp_gbps"]
         rows.append(row)
-        for backend, key in (("grpc", "grpc_push_gbps"), ("grpc-fetch", "grpc_fetch_gbps")):
+        for backend, key in (("nixl", "nixl_gbps"), ("grpc", "grpc_push_gbps"), ("grpc-fetch", "grpc_fetch_gbps")):
             results.append({"backend": backend, "size_mib": round(len(payload) / 2**20, 2), "gb_s": row[key],
                              "ratio_vs_tcp": row[key] / row["raw_tcp_gbps"],
                              "ratio_vs_memcpy": row[key] / row["memcpy_gbps"]})
-        print(f"{len(payload) / 2**20:7.1f} MiB ({row['tokens']:5d} tokens): gRPC push {row['grpc_push_gbps']:.2f} GB/s, "
+        print(f"{len(payload) / 2**20:7.1f} MiB ({row['tokens']:5d} tokens): NIXL {row['nixl_gbps']:.2f} GB/s, gRPC push {row['grpc_push_gbps']:.2f} GB/s, "
               f"fetch {row['grpc_fetch_gbps']:.2f} GB/s, raw TCP {row['raw_tcp_gbps']:.2f} GB/s "
               f"(push = {row['push_vs_raw_tcp']:.2f}x raw TCP), memcpy {row['memcpy_gbps']:.1f} GB/s", flush=True)
     server.terminate()
+    conn.send(None)
+    producer.join(10)
+    consumer.close()
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "kv_transfer",
@@ -161,7 +217,7 @@ def _plot(rows: list[dict], path: Path) -> None:
 
     sizes = [r["bytes"] / 2**20 for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("grpc_push_gbps", "Baton gRPC push"), ("grpc_fetch_gbps", "Baton gRPC fetch"),
+    for key, label in (("nixl_gbps", "Baton NIXL (read + verify)"), ("grpc_push_gbps", "Baton gRPC push"), ("grpc_fetch_gbps", "Baton gRPC fetch"),
                        ("raw_tcp_gbps", "raw TCP (baseline)"), ("memcpy_gbps", "memcpy (baseline)")):
         ax.plot(sizes, [r[key] for r in rows], marker="o", label=label)
     ax.set_xscale("log")

@@ -25,14 +25,14 @@ async def serve(settings: Settings) -> None:
     policies = {role: make_policy(settings.policy) for role in ROLES}
     registry = RegistryWatcher(settings.etcd_endpoint, settings.etcd_prefix)
     await registry.start()
-    servicer = ControlPlaneServicer(registry, policies, TransferTable(settings.transfer_ttl_s))
+    servicer = ControlPlaneServicer(registry, policies, TransferTable(settings.transfer_ttl_s), settings.kv_backend)
     port = int(settings.control_plane_address.rpartition(":")[2])
     server, bound, _ = await start_server(
         "control-plane",
         [ServiceBinding(SERVICE_NAME, control_plane_pb2_grpc.add_ControlPlaneServicer_to_server, servicer)],
         settings.host, port)
     expiry = asyncio.create_task(servicer.run_expiry(), name="transfer-expiry")
-    log.info("control plane serving", port=bound, policy=settings.policy)
+    log.info("control plane serving", port=bound, policy=settings.policy, kv_backend=settings.kv_backend)
     try:
         await wait_for_signal()
     finally:

@@ -11,8 +11,10 @@ import grpc
 from baton.logs import bind_request, get_logger
 from baton.registry import RegistryWatcher, WorkerRecord
 from baton.v1 import common_pb2, control_plane_pb2, control_plane_pb2_grpc
+from control_plane.kv_backend import FALLBACK, choose_backend
 from control_plane.policy import Candidate, PlacementPolicy
 from control_plane.transfers import TransferState, TransferTable
+from kv_transfer.transport import BACKENDS
 
 log = get_logger(__name__)
 
@@ -26,12 +28,15 @@ _OUTCOME = {
 
 class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
     def __init__(self, registry: RegistryWatcher, policies: dict[str, PlacementPolicy],
-                 transfers: TransferTable):
+                 transfers: TransferTable, kv_backend: str = FALLBACK):
         """``policies`` maps role → policy; one instance per role so that
-        round-robin state of one pool never skews the other."""
+        round-robin state of one pool never skews the other. ``kv_backend``:
+        the deployment's transfer backend."""
         self._registry = registry
         self._policies = policies
         self._transfers = transfers
+        self._kv_backend = kv_backend
+        self.kv_fallbacks = 0  # placements that could not use the backend asked for
 
     def _pick(self, role: str, model: str) -> WorkerRecord | None:
         pool = [w for w in self._registry.by_role(role) if not model or w.model == model]
@@ -43,6 +48,10 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
 
     async def Schedule(self, request: control_plane_pb2.ScheduleRequest, context: grpc.aio.ServicerContext):
         bind_request(request.request_id)
+        wanted = request.kv_backend or self._kv_backend
+        if wanted not in BACKENDS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"unknown KV backend {wanted!r}; choose from {', '.join(BACKENDS)}")
         decode = self._pick("decode", request.model)
         prefill = self._pick("prefill", request.model)
         if decode is None or prefill is None:
@@ -50,14 +59,23 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
             # Not UNAVAILABLE: that would mean the control plane itself is down.
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"no live {missing} worker serves model {request.model!r}")
+        backend = choose_backend(wanted, prefill, decode)
+        if backend != wanted:
+            # Loud: a silent fallback costs users days.
+            self.kv_fallbacks += 1
+            log.warning("KV backend not offered by this pair; falling back", wanted=wanted, using=backend,
+                        prefill=prefill.worker_id, decode=decode.worker_id, fallbacks=self.kv_fallbacks)
         transfer = self._transfers.open(request.request_id, prefill.worker_id, decode.worker_id, time.monotonic())
         log.info("placed", prefill=prefill.worker_id, decode=decode.worker_id, transfer_id=transfer.transfer_id,
-                 prompt_tokens=request.prompt_tokens)
+                 prompt_tokens=request.prompt_tokens, kv_backend=backend)
         return control_plane_pb2.Placement(
-            prefill=control_plane_pb2.WorkerEndpoint(worker_id=prefill.worker_id, address=prefill.address),
+            prefill=control_plane_pb2.WorkerEndpoint(worker_id=prefill.worker_id, address=prefill.address,
+                                                     kv_endpoint=prefill.kv_endpoints.get(backend, "")),
             decode=control_plane_pb2.WorkerEndpoint(worker_id=decode.worker_id, address=decode.address,
-                                                    kv_address=decode.kv_address),
+                                                    kv_address=decode.kv_address,
+                                                    kv_endpoint=decode.kv_endpoints.get(backend, "")),
             transfer_id=transfer.transfer_id,
+            kv_backend=backend,
         )
 
     async def ReportTransfer(self, request: control_plane_pb2.TransferReport, context):

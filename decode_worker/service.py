@@ -30,13 +30,15 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
         if not request.prompt_token_ids:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
         prompt = list(request.prompt_token_ids)
+        backend = request.kv_backend or "grpc"
         if request.HasField("first_token_id"):
             prompt.append(request.first_token_id)
         kv_params = None
         if request.transfer_id:
             # The transfer covers the prefill prompt; the connector loads all
             # of it but the last position, which this engine computes itself.
-            kv_params = ConsumerParams(request.transfer_id, len(request.prompt_token_ids)).to_dict()
+            kv_params = ConsumerParams(request.transfer_id, len(request.prompt_token_ids), backend,
+                                       request.kv_source).to_dict()
         report: LoadReport | None = None
         produced = 0
         try:
@@ -60,7 +62,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
                     if output.finished:
                         parsed = parse(output.kv_transfer_params)
                         report = parsed if isinstance(parsed, LoadReport) else None
-                        message.kv.CopyFrom(self._load_stats(request.transfer_id, report))
+                        message.kv.CopyFrom(self._load_stats(request.transfer_id, backend, report))
                     yield message
         except (asyncio.CancelledError, GeneratorExit):
             # The caller went away; closing the engine stream aborts its request.
@@ -73,20 +75,23 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
         finally:
             # KV staged for this request and not loaded (aborted before it was
             # scheduled, or a local prefix hit) would wait for its TTL.
-            if request.transfer_id and not (report and report.external_tokens):
+            if request.transfer_id and backend == "grpc" and not (report and report.external_tokens):
                 self._store.discard(request.transfer_id)
         log.info("decode done", transfer_id=request.transfer_id, tokens=produced,
                  external_tokens=report.external_tokens if report else 0,
                  recomputed=bool(report and report.failed))
 
-    def _load_stats(self, transfer_id: str, report: LoadReport | None) -> common_pb2.KVLoadStats:
+    def _load_stats(self, transfer_id: str, backend: str, report: LoadReport | None) -> common_pb2.KVLoadStats:
         if not transfer_id or report is None:
             return common_pb2.KVLoadStats()
-        record = self._store.record(transfer_id)
-        fetched = record.bytes if record and record.state is TransferState.CONSUMED else 0
+        moved = report.bytes
+        if backend == "grpc":  # what crossed the wire: the whole staged transfer
+            record = self._store.record(transfer_id)
+            moved = record.bytes if record and record.state is TransferState.CONSUMED else 0
         return common_pb2.KVLoadStats(
             transfer_id=transfer_id,
             external_tokens=report.external_tokens,
-            bytes=fetched if report.external_tokens else 0,
+            bytes=moved if report.external_tokens else 0,
             recomputed=report.failed,
+            backend=backend,
         )

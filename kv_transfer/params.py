@@ -11,15 +11,17 @@ _KEY = "baton"
 
 @dataclass(frozen=True)
 class ProducerParams:
-    """On a prefill request: push the prompt's KV to ``kv_target``."""
+    """On a prefill request: hand the prompt's KV to ``kv_target``, the
+    decode engine's endpoint for ``backend``."""
 
     transfer_id: str
-    kv_target: str  # host:port of the decode worker's KVTransfer endpoint
+    kv_target: str
     traceparent: str = ""
+    backend: str = "grpc"
 
     def to_dict(self) -> dict[str, Any]:
-        return {_KEY: {"role": "producer", "transfer_id": self.transfer_id,
-                       "kv_target": self.kv_target, "traceparent": self.traceparent}}
+        return {_KEY: {"role": "producer", "transfer_id": self.transfer_id, "kv_target": self.kv_target,
+                       "traceparent": self.traceparent, "backend": self.backend}}
 
 
 @dataclass(frozen=True)
@@ -29,10 +31,12 @@ class ConsumerParams:
 
     transfer_id: str
     remote_tokens: int
+    backend: str = "grpc"
+    source: str = ""  # the prefill engine's endpoint for ``backend`` (pull backends)
 
     def to_dict(self) -> dict[str, Any]:
-        return {_KEY: {"role": "consumer", "transfer_id": self.transfer_id,
-                       "remote_tokens": self.remote_tokens}}
+        return {_KEY: {"role": "consumer", "transfer_id": self.transfer_id, "remote_tokens": self.remote_tokens,
+                       "backend": self.backend, "source": self.source}}
 
 
 @dataclass(frozen=True)
@@ -42,10 +46,11 @@ class LoadReport:
     transfer_id: str
     external_tokens: int  # prompt tokens the scheduler took from the transfer
     failed: bool  # the load failed and the prompt was recomputed
+    bytes: int = 0  # KV bytes the load moved (a restored block included)
 
     def to_dict(self) -> dict[str, Any]:
         return {_KEY: {"role": "load_report", "transfer_id": self.transfer_id,
-                       "external_tokens": self.external_tokens, "failed": self.failed}}
+                       "external_tokens": self.external_tokens, "failed": self.failed, "bytes": self.bytes}}
 
 
 def parse(params: dict[str, Any] | None) -> ProducerParams | ConsumerParams | LoadReport | None:
@@ -54,9 +59,12 @@ def parse(params: dict[str, Any] | None) -> ProducerParams | ConsumerParams | Lo
         return None
     role = body.get("role")
     if role == "producer":
-        return ProducerParams(str(body["transfer_id"]), str(body["kv_target"]), str(body.get("traceparent", "")))
+        return ProducerParams(str(body["transfer_id"]), str(body["kv_target"]), str(body.get("traceparent", "")),
+                              str(body.get("backend", "grpc")))
     if role == "consumer":
-        return ConsumerParams(str(body["transfer_id"]), int(body["remote_tokens"]))
+        return ConsumerParams(str(body["transfer_id"]), int(body["remote_tokens"]), str(body.get("backend", "grpc")),
+                              str(body.get("source", "")))
     if role == "load_report":
-        return LoadReport(str(body["transfer_id"]), int(body["external_tokens"]), bool(body["failed"]))
+        return LoadReport(str(body["transfer_id"]), int(body["external_tokens"]), bool(body["failed"]),
+                          int(body.get("bytes", 0)))
     return None

@@ -32,7 +32,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
             if not request.kv_target:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "transfer_id given without kv_target")
             kv_params = ProducerParams(request.transfer_id, request.kv_target,
-                                       inject_headers().get("traceparent", "")).to_dict()
+                                       inject_headers().get("traceparent", ""),
+                                       request.kv_backend or "grpc").to_dict()
         final = None
         try:
             wanted = sampling.decode(request.sampling)

@@ -42,6 +42,15 @@ def _finish_reason(reason: int):
             common_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH}.get(reason, FinishReason.ABORT)
 
 
+def requested_kv_backend(params) -> str:
+    """A client may pick the transfer backend of its request with
+    ``"kv_transfer_params": {"kv_backend": "grpc"}`` (vLLM passes the body's
+    ``kv_transfer_params`` along in ``extra_args``); the control plane checks it."""
+    asked = ((params.extra_args or {}).get("kv_transfer_params") or {}) if params is not None else {}
+    backend = asked.get("kv_backend", "") if isinstance(asked, dict) else ""
+    return backend if isinstance(backend, str) else ""
+
+
 def to_engine_output(request_id: str, step: Step) -> EngineCoreOutput:
     from vllm.v1.engine import EngineCoreOutput
 
@@ -58,7 +67,8 @@ def to_engine_output(request_id: str, step: Step) -> EngineCoreOutput:
     if step.kv is not None and step.kv.transfer_id:
         output.kv_transfer_params = {"transfer_id": step.kv.transfer_id,
                                      "external_tokens": step.kv.external_tokens,
-                                     "bytes": step.kv.bytes, "recomputed": step.kv.recomputed}
+                                     "bytes": step.kv.bytes, "recomputed": step.kv.recomputed,
+                                     "backend": step.kv.backend}
     return output
 
 
@@ -101,7 +111,7 @@ class ClusterEngineCore:
 
     async def add_request_async(self, request: EngineCoreRequest) -> None:
         engine_request = EngineRequest(request.request_id, list(request.prompt_token_ids),
-                                       request.sampling_params)
+                                       request.sampling_params, requested_kv_backend(request.sampling_params))
         task = asyncio.create_task(self._run(engine_request), name=f"request-{request.request_id}")
         self._running[request.request_id] = task
         task.add_done_callback(lambda _t: self._running.pop(request.request_id, None))

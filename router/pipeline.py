@@ -64,6 +64,7 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams  # max_tokens resolved
+    kv_backend: str = ""  # asked for by the client; empty: the deployment's default
 
 
 class _FirstTokenMismatch(Exception):
@@ -107,7 +108,8 @@ class Pipeline:
         try:
             return await self._control_plane.Schedule(
                 control_plane_pb2.ScheduleRequest(request_id=request.request_id, model=self._model_name,
-                                                  prompt_tokens=len(request.prompt_token_ids)), timeout=5)
+                                                  prompt_tokens=len(request.prompt_token_ids),
+                                                  kv_backend=request.kv_backend), timeout=5)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:  # reachable, but it said no
                 raise from_rpc_error(exc, "control plane") from exc
@@ -143,8 +145,8 @@ class Pipeline:
         return control_plane_pb2.Placement(
             prefill=control_plane_pb2.WorkerEndpoint(worker_id=p.worker_id, address=p.address),
             decode=control_plane_pb2.WorkerEndpoint(worker_id=d.worker_id, address=d.address,
-                                                    kv_address=d.kv_address),
-            transfer_id=uuid.uuid4().hex)
+                                                    kv_address=d.kv_address, kv_endpoint=d.kv_address),
+            transfer_id=uuid.uuid4().hex, kv_backend="grpc")
 
     def generate(self, request: EngineRequest) -> AsyncIterator[Step]:
         span = _tracer.start_span("router.generate", attributes={
@@ -218,7 +220,8 @@ class Pipeline:
             return await prefill.Prefill(prefill_pb2.PrefillRequest(
                 request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
                 sampling=sampling.encode(request.params), transfer_id=transfer_id,
-                kv_target=placement.decode.kv_address if transfer_id else ""), timeout=self._timeout_s)
+                kv_target=placement.decode.kv_endpoint if transfer_id else "",
+                kv_backend=placement.kv_backend if transfer_id else ""), timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc, f"prefill worker {placement.prefill.worker_id}")
             if not isinstance(error, RetryableError):
@@ -235,6 +238,9 @@ class Pipeline:
         params = request.params
         message = decode_pb2.DecodeRequest(request_id=request.request_id,
                                            prompt_token_ids=request.prompt_token_ids, transfer_id=transfer_id)
+        if transfer_id:
+            message.kv_backend = placement.kv_backend
+            message.kv_source = placement.prefill.kv_endpoint
         if after_first is not None:
             params = params.clone()
             params.max_tokens -= 1
@@ -286,8 +292,9 @@ class Pipeline:
 
     def _free_staged(self, placement: control_plane_pb2.Placement, transfer_id: str) -> None:
         """Free KV staged on the decode worker for a decode that will not
-        happen; a no-op there if it was already loaded or never pushed."""
-        if not transfer_id:
+        happen; a no-op there if it was already loaded or never pushed.
+        (Pull backends stage nothing: the producer frees unread blocks.)"""
+        if not transfer_id or placement.kv_backend not in ("", "grpc"):
             return
         stub = kv_transfer_pb2_grpc.KVTransferStub(self._channels.get(placement.decode.kv_address))
         self._in_background(stub.Discard(kv_transfer_pb2.DiscardRequest(transfer_id=transfer_id), timeout=5))

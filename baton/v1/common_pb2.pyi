@@ -58,13 +58,15 @@ class GeneratedTokens(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[PositionLogprobs, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_token_id: _Optional[int] = ...) -> None: ...
 
 class KVLoadStats(_message.Message):
-    __slots__ = ("transfer_id", "external_tokens", "bytes", "recomputed")
+    __slots__ = ("transfer_id", "external_tokens", "bytes", "recomputed", "backend")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     EXTERNAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     RECOMPUTED_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     external_tokens: int
     bytes: int
     recomputed: bool
-    def __init__(self, transfer_id: _Optional[str] = ..., external_tokens: _Optional[int] = ..., bytes: _Optional[int] = ..., recomputed: _Optional[bool] = ...) -> None: ...
+    backend: str
+    def __init__(self, transfer_id: _Optional[str] = ..., external_tokens: _Optional[int] = ..., bytes: _Optional[int] = ..., recomputed: _Optional[bool] = ..., backend: _Optional[str] = ...) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from baton.v1 import common_pb2 as baton_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62\x61ton/v1/prefill.proto\x12\x08\x62\x61ton.v1\x1a\x15\x62\x61ton/v1/common.proto\"\x92\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.EngineSampling\x12\x13\n\x0btransfer_id\x18\x04 \x01(\t\x12\x11\n\tkv_target\x18\x05 \x01(\t\"\x8e\x01\n\x0fPrefillResponse\x12(\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x19.baton.v1.GeneratedTokens\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x02 \x01(\r\x12\x33\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x1a.baton.v1.PositionLogprobs2O\n\rPrefillWorker\x12>\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x19.baton.v1.PrefillResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62\x61ton/v1/prefill.proto\x12\x08\x62\x61ton.v1\x1a\x15\x62\x61ton/v1/common.proto\"\xa6\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.EngineSampling\x12\x13\n\x0btransfer_id\x18\x04 \x01(\t\x12\x11\n\tkv_target\x18\x05 \x01(\t\x12\x12\n\nkv_backend\x18\x06 \x01(\t\"\x8e\x01\n\x0fPrefillResponse\x12(\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x19.baton.v1.GeneratedTokens\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x02 \x01(\r\x12\x33\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x1a.baton.v1.PositionLogprobs2O\n\rPrefillWorker\x12>\n\x07Prefill\x12\x18.baton.v1.PrefillRequest\x1a\x19.baton.v1.PrefillResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.v1.prefill_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREFILLREQUEST']._serialized_start=60
-  _globals['_PREFILLREQUEST']._serialized_end=206
-  _globals['_PREFILLRESPONSE']._serialized_start=209
-  _globals['_PREFILLRESPONSE']._serialized_end=351
-  _globals['_PREFILLWORKER']._serialized_start=353
-  _globals['_PREFILLWORKER']._serialized_end=432
+  _globals['_PREFILLREQUEST']._serialized_end=226
+  _globals['_PREFILLRESPONSE']._serialized_start=229
+  _globals['_PREFILLRESPONSE']._serialized_end=371
+  _globals['_PREFILLWORKER']._serialized_start=373
+  _globals['_PREFILLWORKER']._serialized_end=452
 # @@protoc_insertion_point(module_scope)

@@ -14,7 +14,9 @@ delegates to exactly one half: ``BatonSchedulerSide`` or ``BatonWorkerSide``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,10 +42,14 @@ __all__ = ["BatonConnector", "ConnectorOptions"]
 class ConnectorOptions:
     """``kv_connector_extra_config`` keys."""
 
-    fetch_address: str = ""  # consumer: host:port of this worker's KVTransfer endpoint
-    fetch_timeout_ms: int = 15_000  # consumer: wait for the push this long, then recompute
-    push_start_timeout_ms: int = 3_000  # consumer: recompute at once if the push has not begun by then
-    chunk_bytes: int = 1 << 20  # producer: bytes per wire message
+    backends: tuple[str, ...] = ("grpc",)  # transfer backends this engine offers
+    endpoint_file: str = ""  # where to write this engine's endpoints (JSON, per backend) once its cache is up
+    agent_name: str = ""  # nixl: this engine's agent name, unique in the cluster
+    fetch_address: str = ""  # consumer, grpc: host:port of this worker's KVTransfer endpoint
+    fetch_timeout_ms: int = 15_000  # consumer: wait for the KV this long, then recompute
+    push_start_timeout_ms: int = 3_000  # consumer: recompute at once if the transfer has not begun by then
+    offer_ttl_s: float = 60.0  # producer, pull backends: free blocks nobody read after this
+    chunk_bytes: int = 1 << 20  # producer, grpc: bytes per wire message
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorOptions:
@@ -51,6 +57,8 @@ class ConnectorOptions:
         unknown = set(extra) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"BatonConnector: unknown kv_connector_extra_config keys {sorted(unknown)}")
+        if "backends" in extra:
+            extra = {**extra, "backends": tuple(extra["backends"])}
         return cls(**extra)
 
 
@@ -62,6 +70,29 @@ def _model_signature(vllm_config: VllmConfig) -> str:
     return ";".join(parts)
 
 
+def _make_backends(options: ConnectorOptions, consumer: bool) -> dict:
+    from kv_transfer.transport import check_backend
+
+    backends = {}
+    for name in options.backends:
+        check_backend(name)
+        if name == "grpc":
+            from kv_transfer.transport.grpc_stream import GrpcBackend
+
+            if consumer and not options.fetch_address:
+                raise ValueError("BatonConnector: a grpc kv_consumer needs kv_connector_extra_config.fetch_address")
+            backends[name] = GrpcBackend(options.chunk_bytes, options.fetch_address, options.fetch_timeout_ms,
+                                         options.push_start_timeout_ms)
+        elif name == "nixl":
+            from kv_transfer.transport.nixl import NixlBackend
+
+            if not options.agent_name:
+                raise ValueError("BatonConnector: the nixl backend needs kv_connector_extra_config.agent_name")
+            backends[name] = NixlBackend(options.agent_name, options.fetch_timeout_ms,
+                                         options.push_start_timeout_ms, options.offer_ttl_s)
+    return backends
+
+
 class BatonConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
         super().__init__(vllm_config, role, kv_cache_config)
@@ -71,21 +102,14 @@ class BatonConnector(KVConnectorBase_V1):
         block_size = vllm_config.cache_config.block_size
         self._scheduler_side: BatonSchedulerSide | None = None
         self._worker_side: BatonWorkerSide | None = None
+        self._options = options
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler_side = BatonSchedulerSide(block_size)
+            block_bytes = sum(group.kv_cache_spec.page_size_bytes * len(group.layer_names)
+                              for group in kv_cache_config.kv_cache_groups)
+            self._scheduler_side = BatonSchedulerSide(block_size, block_bytes)
             return
-        from kv_transfer.transport.grpc_stream import GrpcStreamReceiver, GrpcStreamSender
-
-        sender = GrpcStreamSender(options.chunk_bytes) if transfer.is_kv_producer else None
-        receiver = None
-        if transfer.is_kv_consumer:
-            if not options.fetch_address:
-                raise ValueError("BatonConnector: a kv_consumer needs kv_connector_extra_config.fetch_address")
-            receiver = GrpcStreamReceiver(options.fetch_address)
-        self._worker_side = BatonWorkerSide(
-            _model_signature(vllm_config), block_size, kv_cache_config.num_blocks,
-            sender, receiver, options.fetch_timeout_ms, options.push_start_timeout_ms,
-        )
+        self._worker_side = BatonWorkerSide(_model_signature(vllm_config), block_size, kv_cache_config.num_blocks,
+                                            _make_backends(options, transfer.is_kv_consumer))
 
     @property
     def _worker(self) -> BatonWorkerSide:
@@ -102,6 +126,13 @@ class BatonConnector(KVConnectorBase_V1):
     # --- worker side ------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._worker.register_kv_caches(kv_caches)
+        if self._options.endpoint_file:
+            # The worker service publishes these in the registry; written
+            # whole, then renamed, so it never reads half a file.
+            path = Path(self._options.endpoint_file)
+            partial = path.with_suffix(".partial")
+            partial.write_text(json.dumps(self._worker.endpoints()))
+            partial.replace(path)
 
     def bind_connector_metadata(self, connector_metadata) -> None:
         super().bind_connector_metadata(connector_metadata)

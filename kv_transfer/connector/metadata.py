@@ -13,10 +13,11 @@ class SaveSpec:
 
     req_id: str
     transfer_id: str
-    kv_target: str
+    kv_target: str  # the consumer's endpoint for ``backend``
     block_ids: tuple[int, ...]  # engine block ids covering the prompt, in order
     num_tokens: int  # prompt tokens covered
     traceparent: str
+    backend: str = "grpc"
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class LoadSpec:
     first_block: int  # index within the request of block_ids[0]
     num_tokens: int  # prompt tokens the transfer covers
     keep_block: int = -1  # request block to keep for a RestoreSpec, or -1
+    backend: str = "grpc"
+    source: str = ""  # the producer's endpoint for ``backend`` (pull backends)
 
 
 @dataclass(frozen=True)
@@ -49,3 +52,7 @@ class BatonConnectorMetadata(KVConnectorMetadata):
     saves: list[SaveSpec] = field(default_factory=list)
     loads: list[LoadSpec] = field(default_factory=list)
     restores: list[RestoreSpec] = field(default_factory=list)
+    # Pull backends: finished producer requests whose blocks the scheduler
+    # kept for the consumer to read (``held``) or freed at once (``released``).
+    held: set[str] = field(default_factory=set)
+    released: set[str] = field(default_factory=set)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from kv_transfer.connector.metadata import BatonConnectorMetadata, LoadSpec, RestoreSpec, SaveSpec
 from kv_transfer.params import ConsumerParams, LoadReport, ProducerParams, parse
+from kv_transfer.transport import PULL_BACKENDS
 from kv_transfer.wire import blocks_for_tokens
 
 if TYPE_CHECKING:
@@ -25,8 +26,9 @@ class _PendingPush:
 
 
 class BatonSchedulerSide:
-    def __init__(self, block_size: int):
+    def __init__(self, block_size: int, block_bytes: int = 0):
         self.block_size = block_size
+        self.block_bytes = block_bytes  # one block of every layer
         self._pushes: dict[str, _PendingPush] = {}  # producer requests not yet pushed
         self._loads: list[LoadSpec] = []  # consumer loads for the next step
         self._loading: dict[str, int] = {}  # req_id → external tokens being loaded
@@ -34,6 +36,10 @@ class BatonSchedulerSide:
         self._failed: set[str] = set()
         self._restores: dict[str, int] = {}  # req_id → request block to restore once loaded
         self._armed: set[str] = set()  # loaded: restore when next scheduled
+        self._load_blocks: dict[str, int] = {}  # req_id → blocks its load writes
+        self._saved: dict[str, str] = {}  # producer req_id → backend, once its save was issued
+        self._held: set[str] = set()  # pull: finished, blocks kept for the consumer (next step's news)
+        self._released: set[str] = set()  # pull: finished, blocks freed at once (next step's news)
 
     @staticmethod
     def _remote_tokens(request: Request, params: ConsumerParams) -> int:
@@ -65,12 +71,14 @@ class BatonSchedulerSide:
                 keep_block = remote // self.block_size
                 self._restores[request.request_id] = keep_block
             self._loads.append(LoadSpec(request.request_id, params.transfer_id, tuple(block_ids),
-                                        first_block, params.remote_tokens, keep_block))
+                                        first_block, params.remote_tokens, keep_block, params.backend,
+                                        params.source))
             self._loading[request.request_id] = num_external_tokens
+            self._load_blocks[request.request_id] = len(block_ids) + (keep_block >= last_block)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> BatonConnectorMetadata:
-        meta = BatonConnectorMetadata(loads=self._loads)
-        self._loads = []
+        meta = BatonConnectorMetadata(loads=self._loads, held=self._held, released=self._released)
+        self._loads, self._held, self._released = [], set(), set()
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             if new.req_id in self._armed:
@@ -103,7 +111,8 @@ class BatonSchedulerSide:
         n_blocks = blocks_for_tokens(pending.prompt_len, self.block_size)
         meta.saves.append(SaveSpec(req_id, pending.params.transfer_id, pending.params.kv_target,
                                    tuple(pending.block_ids[:n_blocks]), pending.prompt_len,
-                                   pending.params.traceparent))
+                                   pending.params.traceparent, pending.params.backend))
+        self._saved[req_id] = pending.params.backend
         del self._pushes[req_id]
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
@@ -120,11 +129,23 @@ class BatonSchedulerSide:
         self._claimed.discard(req_id)
         self._restores.pop(req_id, None)
         self._armed.discard(req_id)
+        backend = self._saved.pop(req_id, None)
+        if backend in PULL_BACKENDS:
+            from vllm.v1.request import RequestStatus
+
+            # Its one token made, the prompt's blocks wait for the consumer to
+            # read them. An abort or a final first token frees them now.
+            if request.status == RequestStatus.FINISHED_LENGTH_CAPPED:
+                self._held.add(req_id)
+                return True, None
+            self._released.add(req_id)
         params = parse(request.kv_transfer_params)
         if not isinstance(params, ConsumerParams):
             return False, None
         external = self._loading.pop(req_id, 0)
+        blocks = self._load_blocks.pop(req_id, 0)
         failed = req_id in self._failed
         self._failed.discard(req_id)
-        report = LoadReport(params.transfer_id, 0 if failed else external, failed)
+        report = LoadReport(params.transfer_id, 0 if failed else external, failed,
+                            0 if failed else blocks * self.block_bytes)
         return False, report.to_dict()

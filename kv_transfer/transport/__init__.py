@@ -1,2 +1,34 @@
 """How KV bytes move between engines. ``base`` holds the contract; each
-backend lives in its own module. Today: ``grpc_stream`` (CPU and GPU)."""
+backend lives in its own module and is imported only when an engine uses it:
+
+- ``nixl``: one-sided reads straight between the engines' paged caches (UCX:
+  shared memory, TCP, RDMA, VRAM). The default: fastest where measured.
+- ``grpc``: chunk streaming through the decode worker's staging store; needs
+  nothing but gRPC.
+"""
+
+from __future__ import annotations
+
+BACKENDS = ("nixl", "grpc")
+DEFAULT_BACKEND = "nixl"
+# The producer keeps the prompt's blocks until the consumer has read them.
+PULL_BACKENDS = frozenset({"nixl"})
+
+
+def available_backends() -> tuple[str, ...]:
+    """Backends this machine can run (NIXL is an optional install)."""
+    names = []
+    for name in BACKENDS:
+        if name == "nixl":
+            try:
+                import nixl._api  # noqa: F401
+            except ImportError:
+                continue
+        names.append(name)
+    return tuple(names)
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown KV backend {name!r}; choose from {', '.join(BACKENDS)}")
+    return name

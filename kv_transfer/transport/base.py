@@ -1,31 +1,91 @@
-"""Transport contract used by the connector's worker side.
+"""The contract every KV backend meets, and the view of vLLM's paged KV cache
+they share.
 
-Both calls are blocking and run on the connector's own threads, never on
-vLLM's model-execution thread.
+A backend moves one prompt's KV blocks from a producer engine (prefill) to a
+consumer engine (decode). The connector's worker side drives it: ``send``
+when a step completes a prompt, ``Outbound.layer_saved`` as each layer has
+run (push backends start sending while later layers compute),
+``Outbound.step_done`` after the forward, and ``receive`` on one of its load
+threads. A pull backend (the consumer reads the producer's blocks) makes the
+producer hold its blocks until ``finished_sending`` says they were read.
+Every call but ``send``/``layer_saved``/``step_done`` may block; those three
+run on vLLM's model thread and must not.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
-from baton.v1 import kv_transfer_pb2 as pb
+import torch
 
+from kv_transfer.blocks import block_shape, find_block_dim
+from kv_transfer.wire import KVLayout
 
-class KVSender(Protocol):
-    def push(
-        self,
-        target: str,
-        header: pb.KVHeader,
-        layers: Iterable[tuple[int, memoryview]],
-        metadata: list[tuple[str, str]],
-    ) -> int:
-        """Send the header, then each (layer_index, payload) as it becomes
-        available. Returns bytes sent; raises on failure."""
+if TYPE_CHECKING:
+    from kv_transfer.connector.metadata import LoadSpec, SaveSpec
 
 
-class KVReceiver(Protocol):
-    def fetch(self, transfer_id: str, wait_timeout_ms: int,
-              start_timeout_ms: int = 0) -> tuple[pb.KVHeader, Iterator[pb.KVData]]:
-        """Block until the transfer is staged; return its header and chunks.
-        Raise at once if its push has not begun within ``start_timeout_ms``."""
+class KVCache:
+    """vLLM's KV tensors of one engine, one per attention layer, in a fixed
+    order (sorted layer names) that producer and consumer share."""
+
+    def __init__(self, kv_caches: dict[str, torch.Tensor], num_blocks: int, signature: str, block_size: int):
+        self.names = tuple(sorted(kv_caches))
+        self.layers = [kv_caches[name] for name in self.names]
+        self.block_dims = [find_block_dim(t, num_blocks) for t in self.layers]
+        self.num_blocks = num_blocks
+        first = self.layers[0]
+        self.layout = KVLayout(signature, self.names, str(first.dtype).removeprefix("torch."), block_size,
+                               block_shape(first, self.block_dims[0]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].device
+
+
+@dataclass
+class Received:
+    """What a load wrote into the consumer's cache."""
+
+    bytes: int  # KV bytes that crossed the wire for this request
+    # layer index → the transferred block a RestoreSpec puts back, if any
+    kept: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class Outbound(Protocol):
+    """One prompt's KV leaving a producer engine."""
+
+    def layer_saved(self, index: int, kv_layer: torch.Tensor) -> None:
+        """Layer ``index`` of the prompt is in the cache. Must not block."""
+
+    def step_done(self) -> None:
+        """The forward is over: every layer was saved (or the step failed)."""
+
+
+class KVBackend(Protocol):
+    name: str
+    holds_source_blocks: bool  # pull: the producer keeps its blocks until read
+
+    def attach(self, cache: KVCache) -> None:
+        """The engine's KV cache is allocated: register it where needed."""
+
+    def endpoint(self) -> str:
+        """How peers reach this engine's KV, published in the registry
+        ("" when the worker's services publish it instead)."""
+
+    def send(self, spec: SaveSpec) -> Outbound:
+        """Open the transfer of ``spec``'s blocks to ``spec.kv_target``."""
+
+    def receive(self, spec: LoadSpec) -> Received:
+        """Bring ``spec.transfer_id``'s KV into ``spec.block_ids``; raise
+        (the prompt is then recomputed) if it cannot be had or is corrupt."""
+
+    def hold(self, req_ids: set[str], held: bool) -> None:
+        """Pull backends: the scheduler delayed (``held``) or did not delay
+        freeing these finished producer requests' blocks."""
+
+    def finished_sending(self) -> set[str]:
+        """Held producer requests whose blocks may now be freed."""
+
+    def close(self) -> None: ...

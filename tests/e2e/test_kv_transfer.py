@@ -3,14 +3,16 @@ recomputing it, and recomputes correctly when the KV never arrives."""
 
 import json
 import math
+import time
 
 import grpc
 import httpx
+import pytest
 from vllm import SamplingParams
 
 from baton import sampling
 from baton.v1 import decode_pb2, decode_pb2_grpc
-from tests.e2e.conftest import chat_ids
+from tests.e2e.conftest import KV_FETCH_TIMEOUT_MS, chat_ids
 from tests.e2e.prompts import long_document
 
 
@@ -20,15 +22,22 @@ def kv_bytes_per_token(model_path) -> int:
     return 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 2  # K+V, bf16
 
 
-def test_decode_loads_the_prompt_kv_from_the_transfer(stack, model_path):
+BACKENDS = ["nixl", "grpc"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_loads_the_prompt_kv_from_the_transfer(stack, model_path, backend):
+    before = _staging_stats(stack)
     body = {"model": stack.model_name, "max_tokens": 8, "temperature": 0,
-            "messages": [{"role": "user", "content": long_document(7) + "\nWhat flows north?"}]}
+            "kv_transfer_params": {"kv_backend": backend},
+            "messages": [{"role": "user", "content": long_document(7 + BACKENDS.index(backend)) + "\nWhat flows north?"}]}
     response = httpx.post(f"{stack.http_base}/chat/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
     data = response.json()
     prompt_tokens = data["usage"]["prompt_tokens"]
     assert prompt_tokens > 600
     kv = data["kv_transfer_params"]
+    assert kv["backend"] == backend
     assert kv["recomputed"] is False
     # Every prompt position but the last, which the decode engine computes
     # itself to sample the answer's first token.
@@ -36,10 +45,21 @@ def test_decode_loads_the_prompt_kv_from_the_transfer(stack, model_path):
     # Whole blocks move: ceil(prompt / block) blocks of 128 tokens (CPU) each.
     block = 128
     assert kv["bytes"] == math.ceil(prompt_tokens / block) * block * kv_bytes_per_token(model_path)
-    # Consumed KV is freed: nothing stays staged once the request is done.
+    # Consumed KV is freed: nothing stays staged once the request is done;
+    # only the grpc backend goes through the staging store at all.
     stats = _staging_stats(stack)
     assert stats.staged_bytes == 0 and stats.staged_transfers == 0
-    assert stats.fetched_total >= 1
+    assert stats.fetched_total - before.fetched_total == (1 if backend == "grpc" else 0)
+
+
+def test_an_unknown_backend_is_refused_and_serving_goes_on(stack):
+    body = {"model": stack.model_name, "max_tokens": 4, "kv_transfer_params": {"kv_backend": "carrier-pigeon"},
+            "messages": [{"role": "user", "content": "Hi"}]}
+    response = httpx.post(f"{stack.http_base}/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert "carrier-pigeon" in response.json()["error"]["message"]
+    body["kv_transfer_params"] = {}
+    assert httpx.post(f"{stack.http_base}/chat/completions", json=body, timeout=60).status_code == 200
 
 
 def _staging_stats(stack):
@@ -63,19 +83,33 @@ def _decode_worker_address(stack) -> str:
     return next(w.address for w in workers if w.role == "decode" and w.worker_id == "decode-0")
 
 
-def test_kv_that_never_arrives_is_recomputed_correctly(stack, tokenizer, grpc_channel):
+def _prefill_kv_endpoint(stack, backend: str) -> str:
+    import asyncio
+
+    from baton.registry import list_workers
+
+    workers = asyncio.run(list_workers(stack.etcd_endpoint, "/baton/v1"))
+    return next(w.kv_endpoints[backend] for w in workers if w.worker_id == "prefill-0")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kv_that_never_arrives_is_recomputed_correctly(stack, tokenizer, grpc_channel, backend):
     from tests.e2e.test_parity import generate_ids
 
     prompt = chat_ids(tokenizer, "What is the capital of France?")
     # The reference: the same request through the normal path.
     expected, _ = generate_ids(grpc_channel, prompt, 8)
+    transfer_id = f"transfer-that-nobody-pushes-{backend}"
     with grpc.insecure_channel(_decode_worker_address(stack)) as channel:
         stub = decode_pb2_grpc.DecodeWorkerStub(channel)
         request = decode_pb2.DecodeRequest(
-            request_id="never-arrives", prompt_token_ids=prompt, first_token_id=expected[0],
-            transfer_id="transfer-that-nobody-pushes",
+            request_id=f"never-arrives-{backend}", prompt_token_ids=prompt, first_token_id=expected[0],
+            transfer_id=transfer_id, kv_backend=backend,
+            kv_source=_prefill_kv_endpoint(stack, backend) if backend == "nixl" else "",
             sampling=sampling.encode(SamplingParams(max_tokens=7, temperature=0.0)))
+        started = time.monotonic()
         messages = list(stub.Decode(request, timeout=120))
+        seconds = time.monotonic() - started
     got = [expected[0]] + [t for m in messages for t in m.tokens.token_ids]
     assert messages[-1].kv.recomputed is True
     assert messages[-1].kv.external_tokens == 0
@@ -83,9 +117,11 @@ def test_kv_that_never_arrives_is_recomputed_correctly(stack, tokenizer, grpc_ch
     # Given up because the push never began, not after the 60 s fetch timeout,
     # said at warning level and counted.
     warnings = [json.loads(line) for line in (stack.log_dir / "decode-0.log").read_text().splitlines()
-                if line.startswith("{") and "transfer-that-nobody-pushes" in line]
+                if line.startswith("{") and transfer_id in line]
     assert any(w["level"] == "warning" and "never started" in w.get("error", "") for w in warnings), warnings
-    assert _staging_stats(stack).never_started_total >= 1
+    assert seconds < KV_FETCH_TIMEOUT_MS / 1000
+    if backend == "grpc":
+        assert _staging_stats(stack).never_started_total >= 1
 
 
 def test_kv_of_an_answer_that_ends_at_the_first_token_is_freed(stack):

@@ -92,34 +92,48 @@ def test_a_confidential_system_prompt_stays_confidential(stack, reference):
         assert "7391" not in baton["choices"][0]["message"]["content"]
 
 
-def _chat_of_length(tokenizer, tokens: int) -> list[dict]:
+def _chat_of_length(tokenizer, tokens: int, word: str = " a") -> list[dict]:
     """A user message whose rendered chat prompt is exactly ``tokens`` long."""
     from tests.e2e.conftest import chat_ids
 
     def length(n_words: int) -> int:
-        return len(chat_ids(tokenizer, "Count the words:" + " a" * n_words))
+        return len(chat_ids(tokenizer, "Count the words:" + word * n_words))
     base = length(0)
     n = tokens - base
     assert n >= 0 and length(n) == tokens, f"cannot build a {tokens}-token chat"
-    return [{"role": "user", "content": "Count the words:" + " a" * n}]
+    return [{"role": "user", "content": "Count the words:" + word * n}]
 
 
+def on_backend(stack, reference: str, body: dict, backend: str) -> tuple[dict, dict]:
+    """The request through Baton with its KV on ``backend``, and through vLLM."""
+    baton = post(stack.http_base, "/chat/completions", {**body, "kv_transfer_params": {"kv_backend": backend}})
+    kv = baton.get("kv_transfer_params")
+    if kv:  # a transfer happened: on the backend asked for, and loaded
+        assert kv["backend"] == backend and kv["recomputed"] is False, kv
+    return baton, post(f"{reference}/v1", "/chat/completions", body)
+
+
+@pytest.mark.parametrize("backend", ["nixl", "grpc"])
 @pytest.mark.parametrize("offset", ["block-1", "block", "block+1", "2*block+1"])
-def test_greedy_at_block_boundaries(stack, reference, tokenizer, block_size, offset):
+def test_greedy_at_block_boundaries(stack, reference, tokenizer, block_size, offset, backend):
     tokens = {"block-1": block_size - 1, "block": block_size, "block+1": block_size + 1,
               "2*block+1": 2 * block_size + 1}[offset]
-    body = {"model": MODEL, "messages": _chat_of_length(tokenizer, tokens), "temperature": 0, "max_tokens": 24}
-    baton, vllm = both(stack, reference, "/chat/completions", body)
+    # Another filler word per backend: no prompt may hit another's prefix cache.
+    messages = _chat_of_length(tokenizer, tokens, {"nixl": " a", "grpc": " b"}[backend])
+    body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": 24}
+    baton, vllm = on_backend(stack, reference, body, backend)
     assert baton["usage"]["prompt_tokens"] == tokens
+    assert baton["kv_transfer_params"]["external_tokens"] == tokens - 1
     assert_same(baton, vllm)
 
 
-def test_greedy_long_prompts(stack, reference):
+@pytest.mark.parametrize("backend", ["nixl", "grpc"])
+def test_greedy_long_prompts(stack, reference, backend):
     from tests.e2e.prompts import LONG_TASKS
 
     for doc, question in LONG_TASKS:
-        baton, vllm = both(stack, reference, "/chat/completions",
-                           chat(f"{doc}\n\n{question}", temperature=0, max_tokens=24))
+        baton, vllm = on_backend(stack, reference, chat(f"{backend}: {doc}\n\n{question}", temperature=0,
+                                                         max_tokens=24), backend)
         assert baton["usage"]["prompt_tokens"] > 600
         assert_same(baton, vllm)
 

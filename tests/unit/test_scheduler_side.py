@@ -129,3 +129,50 @@ def test_a_failed_load_restores_nothing():
     side.update_connector_output(SimpleNamespace(finished_recving={"r"}, failed_recving={"r"}))
     scheduled = SimpleNamespace(req_id="r", block_ids=([3, 4, 9],), num_computed_tokens=0)
     assert side.build_connector_meta(output(new=[scheduled])).restores == []
+
+
+def _saved_producer(side, req_id: str, backend: str):
+    from vllm.v1.request import RequestStatus
+
+    req = FakeRequest(req_id, 4, ProducerParams(f"t-{req_id}", "decode:1", backend=backend).to_dict())
+    req.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    side.update_state_after_alloc(req, FakeBlocks([7]), 0)
+    (save,) = side.build_connector_meta(output(
+        new=[SimpleNamespace(req_id=req_id, block_ids=([7],), num_computed_tokens=0)], scheduled={req_id: 4})).saves
+    assert save.backend == backend
+    return req
+
+
+def test_a_pull_producer_keeps_its_blocks_until_the_consumer_read_them():
+    from vllm.v1.request import RequestStatus
+
+    side = BatonSchedulerSide(block_size=4)
+    kept = _saved_producer(side, "kept", "nixl")
+    stopped = _saved_producer(side, "stopped", "nixl")
+    assert side.request_finished(kept, [7]) == (True, None)  # its first token made: decode will read
+    stopped.status = RequestStatus.FINISHED_STOPPED  # the answer ended at the first token: nobody reads
+    assert side.request_finished(stopped, [7]) == (False, None)
+    meta = side.build_connector_meta(output())
+    assert meta.held == {"kept"} and meta.released == {"stopped"}
+    assert side.build_connector_meta(output()).held == set(), "news are told once"
+
+
+def test_a_push_producer_frees_its_blocks_at_once():
+    side = BatonSchedulerSide(block_size=4)
+    req = _saved_producer(side, "pushed", "grpc")
+    assert side.request_finished(req, [7]) == (False, None)
+    meta = side.build_connector_meta(output())
+    assert meta.held == set() and meta.released == set()
+
+
+def test_the_load_report_counts_the_bytes_of_every_block_written():
+    side = BatonSchedulerSide(block_size=4, block_bytes=1000)
+    # 9 remote tokens of a 10-token prompt: blocks 0-1 loaded, and block 2
+    # (where the recomputed last position lands) restored from the transfer.
+    req = FakeRequest("r", 10, ConsumerParams("t1", remote_tokens=10, backend="nixl", source="p").to_dict())
+    assert side.get_num_new_matched_tokens(req, 0) == (9, True)
+    side.update_state_after_alloc(req, FakeBlocks([3, 4, 5]), 9)
+    (load,) = side.build_connector_meta(output()).loads
+    assert (load.block_ids, load.keep_block, load.backend, load.source) == ((3, 4, 5), 2, "nixl", "p")
+    _, params = side.request_finished(req, [3, 4, 5])
+    assert parse(params).bytes == 3000

@@ -1,0 +1,447 @@
+"""NIXL backend: the decode engine reads the prompt's blocks straight out of
+the prefill engine's paged KV cache into the blocks vLLM allocated for it.
+
+One NIXL agent per engine registers every layer's KV tensor once. Transfers
+are one-sided READs over UCX: shared memory between processes on one host,
+TCP or RDMA across hosts, and VRAM to VRAM (NVLink, GPUDirect RDMA) when the
+caches live on GPUs; the code is the same, only the memory type differs.
+
+Why the consumer pulls: the prefill engine never waits for a decode engine.
+It computes at full speed, keeps the prompt's blocks (vLLM delays freeing
+them) and announces them; the decode engine reads them when it has its own
+blocks, with no staging copy and no second hop. A push (prefill WRITEs)
+would need decode's block ids before prefill computes. vLLM's own
+NixlConnector and llm-d make the same choice.
+
+Agents talk through NIXL notifications:
+
+    producer → consumer   B<transfer id>   the prompt's step began
+                          R<json>          blocks ready: ids, tokens, per-block digests
+                          F<json>          the blocks are gone (request aborted)
+    consumer → producer   D<transfer id>   read (or given up): free the blocks
+
+Integrity: the producer hashes each block (all layers, xxh3) after the
+forward; the consumer hashes what landed and refuses a mismatch.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import xxhash
+
+from baton.logs import get_logger
+from kv_transfer.connector.metadata import LoadSpec, SaveSpec
+from kv_transfer.transport.base import KVCache, Received
+from kv_transfer.wire import WireError, blocks_for_tokens
+
+log = get_logger(__name__)
+
+_MEM_TYPE = {"cpu": "DRAM", "cuda": "VRAM"}
+
+
+class TransferUnavailable(Exception):
+    """The producer never offered the blocks, or withdrew them."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where block ``b`` of layer ``l`` lives: ``outer`` contiguous segments
+    of ``inner_bytes`` at ``bases[l] + (o * num_blocks + b) * inner_bytes``
+    (e.g. the K and V halves of a ``(2, num_blocks, ...)`` tensor)."""
+
+    bases: tuple[int, ...]
+    outer: int
+    num_blocks: int
+    inner_bytes: int
+    mem_type: str
+    device_id: int
+
+    @classmethod
+    def of(cls, cache: KVCache) -> Geometry:
+        first, dim = cache.layers[0], cache.block_dims[0]
+        for tensor, block_dim in zip(cache.layers, cache.block_dims, strict=True):
+            if not tensor.is_contiguous() or block_dim != dim or tensor.shape != first.shape:
+                raise ValueError("NIXL backend: every layer's KV tensor must be contiguous and shaped alike")
+        outer = 1
+        for size in first.shape[:dim]:
+            outer *= size
+        inner = first.element_size()
+        for size in first.shape[dim + 1:]:
+            inner *= size
+        device = first.device
+        return cls(tuple(t.data_ptr() for t in cache.layers), outer, cache.num_blocks, inner,
+                   _MEM_TYPE[device.type], device.index or 0)
+
+    @property
+    def block_bytes(self) -> int:
+        """One block of every layer."""
+        return len(self.bases) * self.outer * self.inner_bytes
+
+    def segments(self, blocks: list[int]) -> list[tuple[int, int, int]]:
+        """(address, length, device) of the given blocks, layer by layer;
+        two lists built for the same number of blocks pair up in order."""
+        return [(base + (o * self.num_blocks + b) * self.inner_bytes, self.inner_bytes, self.device_id)
+                for base in self.bases for o in range(self.outer) for b in blocks]
+
+    def to_dict(self) -> dict:
+        return {"bases": list(self.bases), "outer": self.outer, "num_blocks": self.num_blocks,
+                "inner_bytes": self.inner_bytes, "mem_type": self.mem_type, "device_id": self.device_id}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Geometry:
+        return cls(tuple(data["bases"]), data["outer"], data["num_blocks"], data["inner_bytes"],
+                   data["mem_type"], data["device_id"])
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Another engine's agent, as its registry endpoint describes it."""
+
+    agent: str
+    metadata: bytes
+    layout_hash: str
+    geometry: Geometry
+
+    @classmethod
+    def parse(cls, endpoint: str) -> Peer:
+        try:
+            data = json.loads(endpoint)
+            return cls(data["agent"], base64.b64decode(data["metadata"]), data["layout_hash"],
+                       Geometry.from_dict(data["geometry"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise WireError(f"not a NIXL endpoint: {exc}") from exc
+
+
+def block_digests(cache: KVCache, blocks: list[int]) -> list[str]:
+    """xxh3-64 of each block over all layers, in layer order."""
+    views = [t.view(torch.uint8).view(-1) for t in cache.layers]
+    geometry = Geometry.of(cache)
+    digests = []
+    for b in blocks:
+        h = xxhash.xxh3_64()
+        for view in views:
+            for o in range(geometry.outer):
+                start = (o * geometry.num_blocks + b) * geometry.inner_bytes
+                segment = view[start:start + geometry.inner_bytes]
+                h.update(memoryview(segment.numpy() if segment.device.type == "cpu" else segment.cpu().numpy()))
+        digests.append(h.hexdigest())
+    return digests
+
+
+@dataclass
+class _Offer:
+    """Producer: a prompt's blocks, announced and kept until read."""
+
+    req_id: str
+    transfer_id: str
+    consumer: str  # agent name
+    created_s: float
+    held: bool | None = None  # set once the scheduler said whether it delayed the free
+    done: bool = False
+
+
+@dataclass
+class _Note:
+    kind: str  # "B", "R" or "F"
+    body: dict = field(default_factory=dict)
+    received_s: float = 0.0
+
+
+class NixlBackend:
+    name = "nixl"
+    holds_source_blocks = True
+
+    def __init__(self, agent_name: str, fetch_timeout_ms: int = 15_000, start_timeout_ms: int = 3_000,
+                 offer_ttl_s: float = 60.0):
+        from nixl._api import nixl_agent, nixl_agent_config
+
+        self._agent_name = agent_name
+        # No progress thread: NIXL's spins without pause (a whole core per
+        # engine here). Progress happens when this backend calls in: while a
+        # read runs, and every poll while transfers are pending.
+        self._agent = nixl_agent(agent_name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+        self._agent_lock = threading.Lock()  # the agent is driven from several threads
+        self._fetch_timeout_s = fetch_timeout_ms / 1000
+        self._start_timeout_s = start_timeout_ms / 1000
+        self._offer_ttl_s = offer_ttl_s
+        self._cache: KVCache | None = None
+        self._geometry: Geometry | None = None
+        self._peers: dict[str, Peer] = {}  # agent name → peer
+        self._cond = threading.Condition()
+        self._offers: dict[str, _Offer] = {}  # transfer id → offer (producer)
+        self._notes: dict[str, _Note] = {}  # transfer id → latest word from its producer (consumer)
+        self._waiting = 0  # consumer loads waiting for a note
+        self._freed: set[str] = set()  # held req ids whose blocks may be freed
+        self._closed = False
+        # One thread, so a transfer's B always goes out before its R.
+        self._announcer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-nixl-announce")
+        self._poller = threading.Thread(target=self._poll_loop, name="baton-nixl-notifs", daemon=True)
+        self._poller.start()
+
+    # --- set-up -----------------------------------------------------------
+    def attach(self, cache: KVCache) -> None:
+        self._cache = cache
+        self._geometry = Geometry.of(cache)
+        with self._agent_lock:
+            self._agent.register_memory(self._agent.get_reg_descs(cache.layers))
+        log.info("nixl agent ready", agent=self._agent_name, layers=len(cache.layers),
+                 mem_type=self._geometry.mem_type)
+
+    def endpoint(self) -> str:
+        with self._agent_lock:
+            metadata = self._agent.get_agent_metadata()
+        return json.dumps({"agent": self._agent_name, "metadata": base64.b64encode(metadata).decode(),
+                           "layout_hash": self._cache.layout.layout_hash(), "geometry": self._geometry.to_dict()})
+
+    def _peer(self, endpoint: str) -> Peer:
+        peer = Peer.parse(endpoint)
+        with self._agent_lock:
+            known = self._peers.get(peer.agent)
+            if known is None:
+                self._agent.add_remote_agent(peer.metadata)
+                self._peers[peer.agent] = known = peer
+        return known
+
+    # --- producer ---------------------------------------------------------
+    def send(self, spec: SaveSpec) -> _Outbound:
+        consumer = self._peer(spec.kv_target)
+        offer = _Offer(spec.req_id, spec.transfer_id, consumer.agent, time.monotonic())
+        with self._cond:
+            self._offers[spec.transfer_id] = offer
+            self._cond.notify_all()
+        self._announcer.submit(self._notify, consumer.agent, b"B" + spec.transfer_id.encode())
+        return _Outbound(self, spec, consumer.agent)
+
+    def _announce(self, spec: SaveSpec, consumer: str) -> None:
+        body = {"t": spec.transfer_id, "n": spec.num_tokens, "b": list(spec.block_ids),
+                "h": block_digests(self._cache, list(spec.block_ids))}
+        self._notify(consumer, b"R" + json.dumps(body).encode())
+
+    def _notify(self, agent: str, message: bytes) -> None:
+        try:
+            with self._agent_lock:
+                self._agent.send_notif(agent, message)
+        except Exception as exc:
+            log.warning("nixl notification failed", peer=agent, kind=message[:1].decode(), error=str(exc))
+
+    def hold(self, req_ids: set[str], held: bool) -> None:
+        if not req_ids:
+            return
+        with self._cond:
+            for offer in list(self._offers.values()):
+                if offer.req_id not in req_ids:
+                    continue
+                offer.held = held
+                if held and offer.done:
+                    self._release(offer)
+                elif not held:  # the blocks are being freed: the consumer must not read them
+                    del self._offers[offer.transfer_id]
+                    if not offer.done:
+                        self._announcer.submit(self._notify, offer.consumer, b"F" + json.dumps(
+                            {"t": offer.transfer_id, "e": "the prefill request ended before its KV was read"}
+                        ).encode())
+
+    def finished_sending(self) -> set[str]:
+        with self._cond:
+            freed, self._freed = self._freed, set()
+        return freed
+
+    # --- consumer ---------------------------------------------------------
+    def receive(self, spec: LoadSpec) -> Received:
+        peer = self._peer(spec.source)
+        try:
+            return self._receive(spec, peer)
+        finally:
+            # Read or given up: either way the producer may free the blocks.
+            self._announcer.submit(self._notify, peer.agent, b"D" + spec.transfer_id.encode())
+
+    def _receive(self, spec: LoadSpec, peer: Peer) -> Received:
+        mine = self._cache.layout.layout_hash()
+        if peer.layout_hash != mine:
+            raise WireError(f"KV layout mismatch (producer {peer.layout_hash}, consumer {mine}): prefill and "
+                            "decode workers must serve the same model with the same dtype and block size")
+        offer = self._await_offer(spec.transfer_id)
+        if offer["n"] != spec.num_tokens:
+            raise WireError(f"transfer covers {offer['n']} tokens, expected {spec.num_tokens}")
+        remote_blocks, digests = offer["b"], offer["h"]
+        if len(remote_blocks) != blocks_for_tokens(spec.num_tokens, self._cache.layout.block_size) or len(
+                digests) != len(remote_blocks):
+            raise WireError(f"transfer offers {len(remote_blocks)} blocks for {spec.num_tokens} tokens")
+        wanted = list(range(spec.first_block, spec.first_block + len(spec.block_ids)))
+        local = list(spec.block_ids)
+        self._read(peer, local, [remote_blocks[i] for i in wanted])
+        self._verify(local, [digests[i] for i in wanted])
+        received = Received(len(local) * self._geometry.block_bytes)
+        keep = spec.keep_block
+        if keep in wanted:
+            local_block = local[wanted.index(keep)]
+            received.kept = {i: t.select(d, local_block).clone()
+                             for i, (t, d) in enumerate(zip(self._cache.layers, self._cache.block_dims, strict=True))}
+        elif 0 <= keep < len(remote_blocks):
+            received.kept = self._read_aside(peer, remote_blocks[keep], digests[keep])
+            received.bytes += self._geometry.block_bytes
+        return received
+
+    def _await_offer(self, transfer_id: str) -> dict:
+        started = time.monotonic()
+        with self._cond:
+            self._waiting += 1
+            self._cond.notify_all()
+            try:
+                while True:
+                    note = self._notes.get(transfer_id)
+                    if note is not None and note.kind in ("R", "F"):
+                        del self._notes[transfer_id]
+                        if note.kind == "F":
+                            raise TransferUnavailable(f"transfer {transfer_id}: {note.body.get('e', 'withdrawn')}")
+                        return note.body
+                    began = note is not None
+                    limit = self._fetch_timeout_s if began else min(self._start_timeout_s, self._fetch_timeout_s)
+                    left = started + limit - time.monotonic()
+                    if left <= 0:
+                        if began:
+                            raise TransferUnavailable(
+                                f"transfer {transfer_id} did not arrive within {self._fetch_timeout_s:.1f} s")
+                        raise TransferUnavailable(
+                            f"transfer {transfer_id}: its push never started within {limit:.1f} s")
+                    self._cond.wait(left)
+            finally:
+                self._waiting -= 1
+
+    def _read(self, peer: Peer, local_blocks: list[int], remote_blocks: list[int]) -> None:
+        if not local_blocks:
+            return
+        self._transfer(peer, self._geometry.segments(local_blocks), self._geometry.mem_type,
+                       peer.geometry.segments(remote_blocks))
+
+    def _transfer(self, peer: Peer, local: list, local_mem: str, remote: list) -> None:
+        deadline = time.monotonic() + self._fetch_timeout_s
+        with self._agent_lock:
+            local_descs = self._agent.get_xfer_descs(local, local_mem)
+            remote_descs = self._agent.get_xfer_descs(remote, peer.geometry.mem_type)
+            handle = self._agent.initialize_xfer("READ", local_descs, remote_descs, peer.agent)
+            state = self._agent.transfer(handle)
+        try:
+            while state != "DONE":
+                if state == "ERR":
+                    raise WireError(f"NIXL read from {peer.agent} failed")
+                if time.monotonic() > deadline:
+                    raise WireError(f"NIXL read from {peer.agent} did not finish in {self._fetch_timeout_s:.1f} s")
+                time.sleep(0)  # let the GIL go; the copy itself runs in UCX
+                with self._agent_lock:
+                    state = self._agent.check_xfer_state(handle)
+        finally:
+            with self._agent_lock:
+                self._agent.release_xfer_handle(handle)
+
+    def _verify(self, local_blocks: list[int], expected: list[str]) -> None:
+        got = block_digests(self._cache, local_blocks)
+        bad = [i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b]
+        if bad:
+            raise WireError(f"{len(bad)} of {len(expected)} blocks failed their checksum (first: block {bad[0]})")
+
+    def _read_aside(self, peer: Peer, remote_block: int, digest: str) -> dict[int, torch.Tensor]:
+        """One block the decode engine recomputes and restores (the prompt's
+        last position opens a new block): read into a scratch buffer."""
+        cache = self._cache
+        shape = cache.layout.block_shape
+        scratch = torch.empty((len(cache.layers), *shape), dtype=cache.layers[0].dtype, device=cache.device)
+        flat = scratch.view(torch.uint8).view(len(cache.layers), self._geometry.outer, self._geometry.inner_bytes)
+        local = [(flat[layer, o].data_ptr(), self._geometry.inner_bytes, self._geometry.device_id)
+                 for layer in range(len(cache.layers)) for o in range(self._geometry.outer)]
+        with self._agent_lock:
+            registered = self._agent.get_reg_descs([scratch])
+            self._agent.register_memory(registered)
+        try:
+            self._transfer(peer, local, self._geometry.mem_type, peer.geometry.segments([remote_block]))
+        finally:
+            with self._agent_lock:
+                self._agent.deregister_memory(registered)
+        h = xxhash.xxh3_64()
+        for layer in range(len(cache.layers)):
+            for o in range(self._geometry.outer):
+                h.update(memoryview(flat[layer, o].cpu().numpy()))
+        if h.hexdigest() != digest:
+            raise WireError("the restored block failed its checksum")
+        return {i: scratch[i] for i in range(len(cache.layers))}
+
+    # --- notifications ----------------------------------------------------
+    def _poll_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._waiting and not self._offers:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            try:
+                with self._agent_lock:
+                    notifs = self._agent.get_new_notifs()
+            except Exception as exc:
+                log.warning("nixl notifications unreadable", error=str(exc))
+                notifs = {}
+            with self._cond:
+                for messages in notifs.values():
+                    for message in messages:
+                        self._on_notif(message)
+                self._expire(time.monotonic())
+                self._cond.notify_all()
+            # Tighter while a load waits: this poll is part of its latency.
+            time.sleep(0.0001 if self._waiting else 0.0005)
+
+    def _on_notif(self, message: bytes) -> None:
+        kind, payload = message[:1].decode(), message[1:]
+        if kind == "D":
+            offer = self._offers.get(payload.decode())
+            if offer is not None:
+                offer.done = True
+                self._release(offer)
+        elif kind == "B":
+            self._notes.setdefault(payload.decode(), _Note("B", received_s=time.monotonic()))
+        elif kind in ("R", "F"):
+            body = json.loads(payload)
+            self._notes[body["t"]] = _Note(kind, body, time.monotonic())
+
+    def _release(self, offer: _Offer) -> None:
+        if offer.held:
+            self._freed.add(offer.req_id)
+            del self._offers[offer.transfer_id]
+
+    def _expire(self, now: float) -> None:
+        for offer in list(self._offers.values()):
+            if now - offer.created_s > self._offer_ttl_s:
+                if not offer.done:
+                    log.warning("kv offer expired unread; freeing its blocks", transfer_id=offer.transfer_id)
+                offer.done = True
+                if offer.held is None:  # the scheduler never said: it did not hold them
+                    del self._offers[offer.transfer_id]
+                else:
+                    self._release(offer)
+        for tid, note in list(self._notes.items()):
+            if now - note.received_s > self._offer_ttl_s:
+                del self._notes[tid]
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._announcer.shutdown(wait=False, cancel_futures=True)
+
+
+class _Outbound:
+    def __init__(self, backend: NixlBackend, spec: SaveSpec, consumer: str):
+        self._backend = backend
+        self._spec = spec
+        self._consumer = consumer
+
+    def layer_saved(self, index: int, kv_layer: torch.Tensor) -> None:
+        pass  # the consumer reads the blocks from the cache itself
+
+    def step_done(self) -> None:
+        self._backend._announcer.submit(self._backend._announce, self._spec, self._consumer)

@@ -1,0 +1,123 @@
+"""The NIXL backend on real NIXL agents (UCX over shared memory), two in one
+process, with KV caches shaped like vLLM's: the blocks land where they
+should, corruption and withdrawn or missing transfers are refused, and the
+producer frees its blocks once they were read."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("nixl._api", reason="NIXL is installed by `make setup`")
+
+from kv_transfer.connector.metadata import LoadSpec, SaveSpec  # noqa: E402
+from kv_transfer.transport.base import KVCache  # noqa: E402
+from kv_transfer.transport.nixl import NixlBackend, TransferUnavailable  # noqa: E402
+from kv_transfer.wire import WireError  # noqa: E402
+
+BLOCK = 4  # tokens per block
+NUM_BLOCKS = 16
+
+
+def make_cache(seed: int) -> KVCache:
+    generator = torch.Generator().manual_seed(seed)
+    layers = {f"model.layers.{i}.attn": torch.randn((2, NUM_BLOCKS, 3, BLOCK, 8), generator=generator).to(
+        torch.bfloat16) for i in range(3)}
+    return KVCache(layers, NUM_BLOCKS, "test-model", BLOCK)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    producer = NixlBackend("test-producer", fetch_timeout_ms=5_000, start_timeout_ms=300, offer_ttl_s=30)
+    consumer = NixlBackend("test-consumer", fetch_timeout_ms=5_000, start_timeout_ms=300, offer_ttl_s=30)
+    producer.attach(make_cache(1))
+    consumer.attach(make_cache(2))
+    yield producer, consumer
+    producer.close()
+    consumer.close()
+
+
+def offer(producer, consumer, transfer_id: str, blocks: tuple[int, ...], tokens: int):
+    spec = SaveSpec(f"req-{transfer_id}", transfer_id, consumer.endpoint(), blocks, tokens, "", "nixl")
+    producer.send(spec).step_done()
+    producer._announcer.submit(lambda: None).result()  # the offer went out
+    return spec
+
+
+def block(cache: KVCache, layer: int, block_id: int) -> torch.Tensor:
+    return cache.layers[layer].select(cache.block_dims[layer], block_id)
+
+
+def test_blocks_land_in_the_consumers_blocks_and_the_producer_frees_them(pair):
+    producer, consumer = pair
+    spec = offer(producer, consumer, "t-ok", (5, 9, 2), 3 * BLOCK - 1)
+    load = LoadSpec("d-ok", "t-ok", (11, 12, 13), 0, 3 * BLOCK - 1, -1, "nixl", producer.endpoint())
+    received = consumer.receive(load)
+    assert received.bytes == 3 * 3 * block(consumer._cache, 0, 0).numel() * 2
+    for layer in range(3):
+        for src, dst in zip((5, 9, 2), (11, 12, 13), strict=True):
+            assert torch.equal(block(producer._cache, layer, src), block(consumer._cache, layer, dst))
+    producer.hold({spec.req_id}, True)
+    deadline = time.monotonic() + 5
+    freed: set[str] = set()
+    while spec.req_id not in freed and time.monotonic() < deadline:
+        freed |= producer.finished_sending()
+        time.sleep(0.01)
+    assert spec.req_id in freed
+
+
+def test_a_prefix_hit_reads_only_the_missing_blocks_and_keeps_the_restore_block(pair):
+    producer, consumer = pair
+    # 2 blocks of prompt: the consumer has block 0 cached, reads block 1, and
+    # keeps block 2 (where the prompt's last position lands) aside.
+    offer(producer, consumer, "t-keep", (3, 4, 6), 2 * BLOCK + 1)
+    load = LoadSpec("d-keep", "t-keep", (14,), 1, 2 * BLOCK + 1, 2, "nixl", producer.endpoint())
+    received = consumer.receive(load)
+    for layer in range(3):
+        assert torch.equal(block(producer._cache, layer, 4), block(consumer._cache, layer, 14))
+        assert torch.equal(received.kept[layer], block(producer._cache, layer, 6))
+
+
+def test_a_corrupted_block_is_refused(pair):
+    producer, consumer = pair
+    offer(producer, consumer, "t-bad", (7, 8), 2 * BLOCK)
+    block(producer._cache, 1, 8)[0, 0, 0, 0] += 1  # flipped after its digest was sent
+    load = LoadSpec("d-bad", "t-bad", (0, 1), 0, 2 * BLOCK, -1, "nixl", producer.endpoint())
+    with pytest.raises(WireError, match="checksum"):
+        consumer.receive(load)
+
+
+def test_a_withdrawn_offer_is_not_read(pair):
+    producer, consumer = pair
+    spec = offer(producer, consumer, "t-gone", (10,), BLOCK)
+    producer.hold({spec.req_id}, False)  # the prefill request was aborted: its blocks are freed
+    producer._announcer.submit(lambda: None).result()
+    time.sleep(0.3)  # the withdrawal reaches the consumer's queue behind the offer
+    load = LoadSpec("d-gone", "t-gone", (6,), 0, BLOCK, -1, "nixl", producer.endpoint())
+    with pytest.raises(TransferUnavailable, match="ended before"):
+        consumer.receive(load)
+
+
+def test_a_transfer_that_never_starts_is_given_up_after_the_start_timeout(pair):
+    producer, consumer = pair
+    load = LoadSpec("d-none", "t-none", (6,), 0, BLOCK, -1, "nixl", producer.endpoint())
+    started = time.monotonic()
+    with pytest.raises(TransferUnavailable, match="never started"):
+        consumer.receive(load)
+    assert time.monotonic() - started < 3  # the start timeout (0.3 s), not the fetch timeout (5 s)
+
+
+def test_a_peer_with_another_layout_is_refused(pair):
+    producer, consumer = pair
+    other = NixlBackend("test-other-layout")
+    try:
+        layers = {f"model.layers.{i}.attn": torch.zeros((2, NUM_BLOCKS, 3, BLOCK, 8), dtype=torch.float16)
+                  for i in range(3)}
+        other.attach(KVCache(layers, NUM_BLOCKS, "test-model", BLOCK))
+        load = LoadSpec("d-layout", "t-layout", (6,), 0, BLOCK, -1, "nixl", other.endpoint())
+        with pytest.raises(WireError, match="layout mismatch"):
+            consumer.receive(load)
+    finally:
+        other.close()
