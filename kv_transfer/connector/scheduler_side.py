@@ -40,6 +40,7 @@ class BatonSchedulerSide:
         self._saved: dict[str, str] = {}  # producer req_id → backend, once its save was issued
         self._held: set[str] = set()  # pull: finished, blocks kept for the consumer (next step's news)
         self._released: set[str] = set()  # pull: finished, blocks freed at once (next step's news)
+        self._declined: list[tuple[str, str, str]] = []  # pull consumer: offers it will never read
 
     @staticmethod
     def _remote_tokens(request: Request, params: ConsumerParams) -> int:
@@ -77,8 +78,9 @@ class BatonSchedulerSide:
             self._load_blocks[request.request_id] = len(block_ids) + (keep_block >= last_block)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> BatonConnectorMetadata:
-        meta = BatonConnectorMetadata(loads=self._loads, held=self._held, released=self._released)
-        self._loads, self._held, self._released = [], set(), set()
+        meta = BatonConnectorMetadata(loads=self._loads, held=self._held, released=self._released,
+                                      declined=self._declined)
+        self._loads, self._held, self._released, self._declined = [], set(), set(), []
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             if new.req_id in self._armed:
@@ -126,6 +128,12 @@ class BatonSchedulerSide:
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
         self._pushes.pop(req_id, None)
+        consumer = parse(request.kv_transfer_params)
+        if (isinstance(consumer, ConsumerParams) and consumer.backend in PULL_BACKENDS
+                and req_id not in self._claimed):
+            # Never loaded (the prompt was cached here, or it was aborted
+            # first): tell the producer, which holds the blocks until then.
+            self._declined.append((consumer.backend, consumer.transfer_id, consumer.source))
         self._claimed.discard(req_id)
         self._restores.pop(req_id, None)
         self._armed.discard(req_id)

@@ -76,6 +76,11 @@ class BatonWorkerSide:
             if backend.holds_source_blocks:
                 backend.hold(meta.held, True)
                 backend.hold(meta.released, False)
+        for name, transfer_id, source in meta.declined:
+            try:
+                self._backend(name).decline(transfer_id, source)
+            except Exception as exc:  # the producer frees them at its TTL
+                log.warning("could not decline a kv offer", transfer_id=transfer_id, error=str(exc))
         for spec in meta.saves:
             try:
                 self._outbound[spec.req_id] = self._backend(spec.backend).send(spec)

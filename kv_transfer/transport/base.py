@@ -88,4 +88,8 @@ class KVBackend(Protocol):
     def finished_sending(self) -> set[str]:
         """Held producer requests whose blocks may now be freed."""
 
+    def decline(self, transfer_id: str, source: str) -> None:
+        """Pull backends, consumer: this transfer will not be read; the
+        producer at ``source`` may free its blocks now."""
+
     def close(self) -> None: ...

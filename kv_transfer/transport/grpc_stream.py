@@ -147,6 +147,9 @@ class GrpcBackend:
     def finished_sending(self) -> set[str]:
         return set()
 
+    def decline(self, transfer_id: str, source: str) -> None:
+        pass  # the decode worker discards what was staged for it
+
     # --- consumer ---------------------------------------------------------
     def receive(self, spec: LoadSpec) -> Received:
         if self._receiver is None:

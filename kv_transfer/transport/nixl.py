@@ -254,6 +254,10 @@ class NixlBackend:
         return freed
 
     # --- consumer ---------------------------------------------------------
+    def decline(self, transfer_id: str, source: str) -> None:
+        peer = self._peer(source)
+        self._announcer.submit(self._notify, peer.agent, b"D" + transfer_id.encode())
+
     def receive(self, spec: LoadSpec) -> Received:
         peer = self._peer(spec.source)
         try:

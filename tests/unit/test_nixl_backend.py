@@ -121,3 +121,16 @@ def test_a_peer_with_another_layout_is_refused(pair):
             consumer.receive(load)
     finally:
         other.close()
+
+
+def test_a_declined_offer_is_freed_at_once(pair):
+    producer, consumer = pair
+    spec = offer(producer, consumer, "t-declined", (12,), BLOCK)
+    producer.hold({spec.req_id}, True)
+    consumer.decline("t-declined", producer.endpoint())  # the decode had the prompt cached
+    deadline = time.monotonic() + 5
+    freed: set[str] = set()
+    while spec.req_id not in freed and time.monotonic() < deadline:
+        freed |= producer.finished_sending()
+        time.sleep(0.01)
+    assert spec.req_id in freed

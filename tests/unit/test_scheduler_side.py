@@ -176,3 +176,16 @@ def test_the_load_report_counts_the_bytes_of_every_block_written():
     assert (load.block_ids, load.keep_block, load.backend, load.source) == ((3, 4, 5), 2, "nixl", "p")
     _, params = side.request_finished(req, [3, 4, 5])
     assert parse(params).bytes == 3000
+
+
+def test_a_pull_consumer_that_never_loads_declines_the_offer():
+    side = BatonSchedulerSide(block_size=4)
+    # The whole prompt was in the local prefix cache: nothing to load.
+    req = FakeRequest("r", 9, ConsumerParams("t1", remote_tokens=9, backend="nixl", source="prefill-ep").to_dict())
+    assert side.get_num_new_matched_tokens(req, 8) == (0, False)
+    side.request_finished(req, [1, 2, 3])
+    assert side.build_connector_meta(output()).declined == [("nixl", "t1", "prefill-ep")]
+    loaded = FakeRequest("l", 9, ConsumerParams("t2", remote_tokens=9, backend="nixl", source="p").to_dict())
+    side.update_state_after_alloc(loaded, FakeBlocks([1, 2]), 8)
+    side.request_finished(loaded, [1, 2])
+    assert side.build_connector_meta(output()).declined == [], "a load tells the producer itself"
