@@ -119,10 +119,9 @@ class Peer:
             raise WireError(f"not a NIXL endpoint: {exc}") from exc
 
 
-def block_digests(cache: KVCache, blocks: list[int]) -> list[str]:
+def block_digests(cache: KVCache, geometry: Geometry, blocks: list[int]) -> list[str]:
     """xxh3-64 of each block over all layers, in layer order."""
     views = [t.view(torch.uint8).view(-1) for t in cache.layers]
-    geometry = Geometry.of(cache)
     digests = []
     for b in blocks:
         h = xxhash.xxh3_64()
@@ -221,7 +220,7 @@ class NixlBackend:
 
     def _announce(self, spec: SaveSpec, consumer: str) -> None:
         body = {"t": spec.transfer_id, "n": spec.num_tokens, "b": list(spec.block_ids),
-                "h": block_digests(self._cache, list(spec.block_ids))}
+                "h": block_digests(self._cache, self._geometry, list(spec.block_ids))}
         self._notify(consumer, b"R" + json.dumps(body).encode())
 
     def _notify(self, agent: str, message: bytes) -> None:
@@ -346,7 +345,7 @@ class NixlBackend:
                 self._agent.release_xfer_handle(handle)
 
     def _verify(self, local_blocks: list[int], expected: list[str]) -> None:
-        got = block_digests(self._cache, local_blocks)
+        got = block_digests(self._cache, self._geometry, local_blocks)
         bad = [i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b]
         if bad:
             raise WireError(f"{len(bad)} of {len(expected)} blocks failed their checksum (first: block {bad[0]})")

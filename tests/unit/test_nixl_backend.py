@@ -46,6 +46,15 @@ def offer(producer, consumer, transfer_id: str, blocks: tuple[int, ...], tokens:
     return spec
 
 
+def wait_freed(producer, req_id: str) -> None:
+    deadline = time.monotonic() + 5
+    freed: set[str] = set()
+    while req_id not in freed and time.monotonic() < deadline:
+        freed |= producer.finished_sending()
+        time.sleep(0.01)
+    assert req_id in freed, "the producer did not free the blocks"
+
+
 def block(cache: KVCache, layer: int, block_id: int) -> torch.Tensor:
     return cache.layers[layer].select(cache.block_dims[layer], block_id)
 
@@ -60,12 +69,7 @@ def test_blocks_land_in_the_consumers_blocks_and_the_producer_frees_them(pair):
         for src, dst in zip((5, 9, 2), (11, 12, 13), strict=True):
             assert torch.equal(block(producer._cache, layer, src), block(consumer._cache, layer, dst))
     producer.hold({spec.req_id}, True)
-    deadline = time.monotonic() + 5
-    freed: set[str] = set()
-    while spec.req_id not in freed and time.monotonic() < deadline:
-        freed |= producer.finished_sending()
-        time.sleep(0.01)
-    assert spec.req_id in freed
+    wait_freed(producer, spec.req_id)
 
 
 def test_a_prefix_hit_reads_only_the_missing_blocks_and_keeps_the_restore_block(pair):
@@ -128,9 +132,4 @@ def test_a_declined_offer_is_freed_at_once(pair):
     spec = offer(producer, consumer, "t-declined", (12,), BLOCK)
     producer.hold({spec.req_id}, True)
     consumer.decline("t-declined", producer.endpoint())  # the decode had the prompt cached
-    deadline = time.monotonic() + 5
-    freed: set[str] = set()
-    while spec.req_id not in freed and time.monotonic() < deadline:
-        freed |= producer.finished_sending()
-        time.sleep(0.01)
-    assert spec.req_id in freed
+    wait_freed(producer, spec.req_id)
