@@ -67,7 +67,8 @@ class Settings:
     control_plane_address: str = "127.0.0.1:50051"
     kv_backend: str = "nixl"
     """How KV moves from prefill to decode: "nixl" (one-sided reads between the
-    engines' caches; the fastest measured) or "grpc" (needs nothing else).
+    engines' caches; the fastest measured), "collective" (torch.distributed
+    send/recv: Gloo on CPU, NCCL on GPU) or "grpc" (needs nothing else).
     A pair that cannot use it falls back to grpc, logged at warning."""
     policy: str = "least-loaded"
     transfer_ttl_s: float = 330.0

@@ -2,7 +2,7 @@
 streamed through Baton (1 prefill + 1 decode worker, each KV backend) and through one plain
 `vllm serve` in the same run.
 
-    python -m bench.handoff [--lengths 1024 4096] [--requests 5] [--output-tokens 16] [--backends nixl grpc]
+    python -m bench.handoff [--lengths 1024 4096] [--requests 5] [--output-tokens 16] [--backends nixl collective grpc]
 
 Baton streams the first token from the prefill worker, so the hand-off
 shows as the pause between the first and the second token. Per prompt
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--requests", type=int, default=5, help="per length, one at a time")
     parser.add_argument("--output-tokens", type=int, default=16)
-    parser.add_argument("--backends", nargs="+", default=["nixl", "grpc"])
+    parser.add_argument("--backends", nargs="+", default=["nixl", "collective", "grpc"])
     args = parser.parse_args()
     log_dir = RESULTS / "handoff-logs"
     log_dir.mkdir(parents=True, exist_ok=True)

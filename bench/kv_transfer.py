@@ -12,7 +12,9 @@ are a real bf16 tensor of that layout. Writes bench/results/kv_transfer.json
 (per backend and size: `gb_s`, `ratio_vs_tcp`, `ratio_vs_memcpy`) and .png.
 Backends: `nixl` (the decode engine reads the blocks out of the prefill
 engine's registered cache into its own, checksums verified: the whole
-hand-over once the offer is known), `grpc` (push into the decode worker's
+hand-over once the offer is known), `collective` (a producer process sends
+each layer over its Gloo pair as a forward would; timed until the blocks
+are verified and in the consumer's cache), `grpc` (push into the decode worker's
 staging store) and `grpc-fetch` (the engine's second hop out of it).
 """
 
@@ -105,6 +107,38 @@ def _nixl_receive(consumer, conn, producer_endpoint: str, num_blocks: int) -> fl
     return seconds
 
 
+def _collective_producer(conn, num_blocks: int) -> None:
+    """A prefill engine's side: pushes its blocks layer by layer on request."""
+    from kv_transfer.connector.metadata import SaveSpec
+    from kv_transfer.transport.collective import CollectiveBackend
+
+    producer = CollectiveBackend("bench-producer", "127.0.0.1", consumer=False)
+    cache = _kv_cache(num_blocks, 3)
+    producer.attach(cache)
+    conn.send("ready")
+    while (message := conn.recv()) is not None:
+        transfer_id, blocks, consumer = message
+        outbound = producer.send(SaveSpec(transfer_id, transfer_id, consumer, tuple(range(blocks)), blocks * 128,
+                                          "", "collective"))
+        for index, layer in enumerate(cache.layers):  # as a forward would, layer by layer
+            outbound.layer_saved(index, layer)
+        outbound.step_done()
+
+
+def _collective_receive(consumer, conn, num_blocks: int) -> float:
+    """From the producer's first layer to the blocks in the consumer's cache."""
+    from kv_transfer.connector.metadata import LoadSpec
+
+    transfer_id = uuid.uuid4().hex
+    started = time.perf_counter()
+    conn.send((transfer_id, num_blocks, consumer.endpoint()))
+    received = consumer.receive(LoadSpec(transfer_id, transfer_id, tuple(range(num_blocks)), 0, num_blocks * 128,
+                                         -1, "collective"))
+    seconds = time.perf_counter() - started
+    assert received.bytes == num_blocks * LAYERS * BLOCK_BYTES
+    return seconds
+
+
 def _push_and_fetch(sender, receiver, target: str, payload: memoryview, num_blocks: int) -> tuple[float, float]:
     from kv_transfer.wire import KVLayout
 
@@ -161,6 +195,16 @@ def main() -> None:
     consumer = NixlBackend("bench-consumer")
     consumer.attach(_kv_cache(max_blocks, 2))
 
+    from kv_transfer.transport.collective import CollectiveBackend
+
+    collective_conn, child_conn = mp.get_context("spawn").Pipe()
+    collective_producer = mp.get_context("spawn").Process(target=_collective_producer,
+                                                          args=(child_conn, max_blocks), daemon=True)
+    collective_producer.start()
+    assert collective_conn.recv() == "ready"
+    collective = CollectiveBackend("bench-consumer", "127.0.0.1", consumer=True, capacity_bytes=4 << 30)
+    collective.attach(_kv_cache(max_blocks, 4))
+
     rows, results = [], []
     for size_mib in args.sizes_mib:
         num_blocks = max(1, round(size_mib * (1 << 20) / (LAYERS * BLOCK_BYTES)))
@@ -169,12 +213,14 @@ def main() -> None:
         _push_and_fetch(sender, receiver, target, payload, num_blocks)  # warm-up
         _raw_tcp(sock, payload)
         _nixl_receive(consumer, conn, producer_endpoint, num_blocks)
-        push, fetch, nixl, tcp, copy = [], [], [], [], []
+        _collective_receive(collective, collective_conn, num_blocks)
+        push, fetch, nixl, gloo, tcp, copy = [], [], [], [], [], []
         for _ in range(args.repeats):
             p, f = _push_and_fetch(sender, receiver, target, payload, num_blocks)
             push.append(p)
             fetch.append(f)
             nixl.append(_nixl_receive(consumer, conn, producer_endpoint, num_blocks))
+            gloo.append(_collective_receive(collective, collective_conn, num_blocks))
             tcp.append(_raw_tcp(sock, payload))
             started = time.perf_counter()
             bytearray(payload)
@@ -183,21 +229,24 @@ def main() -> None:
             return nbytes / statistics.median(seconds) / 1e9
 
         row = {"bytes": len(payload), "tokens": num_blocks * 128,
-               "nixl_gbps": gbps(nixl), "grpc_push_gbps": gbps(push), "grpc_fetch_gbps": gbps(fetch),
+               "nixl_gbps": gbps(nixl), "collective_gbps": gbps(gloo), "grpc_push_gbps": gbps(push), "grpc_fetch_gbps": gbps(fetch),
                "raw_tcp_gbps": gbps(tcp), "memcpy_gbps": gbps(copy)}
         row["push_vs_raw_tcp"] = row["grpc_push_gbps"] / row["raw_tcp_gbps"]
         rows.append(row)
-        for backend, key in (("nixl", "nixl_gbps"), ("grpc", "grpc_push_gbps"), ("grpc-fetch", "grpc_fetch_gbps")):
+        for backend, key in (("nixl", "nixl_gbps"), ("collective", "collective_gbps"), ("grpc", "grpc_push_gbps"), ("grpc-fetch", "grpc_fetch_gbps")):
             results.append({"backend": backend, "size_mib": round(len(payload) / 2**20, 2), "gb_s": row[key],
                              "ratio_vs_tcp": row[key] / row["raw_tcp_gbps"],
                              "ratio_vs_memcpy": row[key] / row["memcpy_gbps"]})
-        print(f"{len(payload) / 2**20:7.1f} MiB ({row['tokens']:5d} tokens): NIXL {row['nixl_gbps']:.2f} GB/s, gRPC push {row['grpc_push_gbps']:.2f} GB/s, "
+        print(f"{len(payload) / 2**20:7.1f} MiB ({row['tokens']:5d} tokens): NIXL {row['nixl_gbps']:.2f} GB/s, collective {row['collective_gbps']:.2f} GB/s, gRPC push {row['grpc_push_gbps']:.2f} GB/s, "
               f"fetch {row['grpc_fetch_gbps']:.2f} GB/s, raw TCP {row['raw_tcp_gbps']:.2f} GB/s "
               f"(push = {row['push_vs_raw_tcp']:.2f}x raw TCP), memcpy {row['memcpy_gbps']:.1f} GB/s", flush=True)
     server.terminate()
     conn.send(None)
+    collective_conn.send(None)
     producer.join(10)
+    collective_producer.join(10)
     consumer.close()
+    collective.close()
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "kv_transfer",
@@ -217,7 +266,8 @@ def _plot(rows: list[dict], path: Path) -> None:
 
     sizes = [r["bytes"] / 2**20 for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("nixl_gbps", "Baton NIXL (read + verify)"), ("grpc_push_gbps", "Baton gRPC push"), ("grpc_fetch_gbps", "Baton gRPC fetch"),
+    for key, label in (("nixl_gbps", "Baton NIXL (read + verify)"),
+                       ("collective_gbps", "Baton collective (Gloo, layer by layer + verify)"), ("grpc_push_gbps", "Baton gRPC push"), ("grpc_fetch_gbps", "Baton gRPC fetch"),
                        ("raw_tcp_gbps", "raw TCP (baseline)"), ("memcpy_gbps", "memcpy (baseline)")):
         ax.plot(sizes, [r[key] for r in rows], marker="o", label=label)
     ax.set_xscale("log")

@@ -25,11 +25,13 @@ def block_shape(kv_layer: torch.Tensor, block_dim: int) -> tuple[int, ...]:
     return tuple(s for i, s in enumerate(kv_layer.shape) if i != block_dim)
 
 
-def gather_blocks(kv_layer: torch.Tensor, block_dim: int, block_ids: list[int]) -> torch.Tensor:
-    """Copy the given blocks to a contiguous host tensor, blocks first."""
+def gather_blocks(kv_layer: torch.Tensor, block_dim: int, block_ids: list[int],
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Copy the given blocks to a contiguous tensor on ``device`` (host
+    memory unless said otherwise), blocks first."""
     index = torch.as_tensor(block_ids, dtype=torch.long, device=kv_layer.device)
     picked = kv_layer.index_select(block_dim, index).movedim(block_dim, 0)
-    return picked.to("cpu").contiguous()
+    return picked.to(device).contiguous()
 
 
 def scatter_blocks(

@@ -48,7 +48,10 @@ class ConnectorOptions:
     fetch_address: str = ""  # consumer, grpc: host:port of this worker's KVTransfer endpoint
     fetch_timeout_ms: int = 15_000  # consumer: wait for the KV this long, then recompute
     push_start_timeout_ms: int = 3_000  # consumer: recompute at once if the transfer has not begun by then
-    offer_ttl_s: float = 60.0  # producer, pull backends: free blocks nobody read after this
+    offer_ttl_s: float = 60.0  # producer, pull backends: free blocks nobody read after this;
+    # consumer, collective: drop received KV nobody loaded after this
+    kv_host: str = "127.0.0.1"  # collective: the address peers reach this engine at
+    inbox_capacity_bytes: int = 1 << 30  # consumer, collective: bound on received, unloaded KV
     chunk_bytes: int = 1 << 20  # producer, grpc: bytes per wire message
 
     @classmethod
@@ -83,6 +86,12 @@ def _make_backends(options: ConnectorOptions, consumer: bool) -> dict:
                 raise ValueError("BatonConnector: a grpc kv_consumer needs kv_connector_extra_config.fetch_address")
             backends[name] = GrpcBackend(options.chunk_bytes, options.fetch_address, options.fetch_timeout_ms,
                                          options.push_start_timeout_ms)
+        elif name == "collective":
+            from kv_transfer.transport.collective import CollectiveBackend
+
+            backends[name] = CollectiveBackend(options.agent_name or "engine", options.kv_host, consumer,
+                                               options.fetch_timeout_ms, options.push_start_timeout_ms,
+                                               options.inbox_capacity_bytes, options.offer_ttl_s)
         elif name == "nixl":
             from kv_transfer.transport.nixl import NixlBackend
 

@@ -56,6 +56,6 @@ class BatonConnectorMetadata(KVConnectorMetadata):
     # kept for the consumer to read (``held``) or freed at once (``released``).
     held: set[str] = field(default_factory=set)
     released: set[str] = field(default_factory=set)
-    # Pull backends, consumer: (backend, transfer id, producer endpoint) of
-    # requests that ended without reading (a local prefix hit, an abort).
+    # Consumer: (backend, transfer id, producer endpoint) of requests that
+    # ended without loading their transfer (a local prefix hit, an abort).
     declined: list[tuple[str, str, str]] = field(default_factory=list)

@@ -129,10 +129,10 @@ class BatonSchedulerSide:
         req_id = request.request_id
         self._pushes.pop(req_id, None)
         consumer = parse(request.kv_transfer_params)
-        if (isinstance(consumer, ConsumerParams) and consumer.backend in PULL_BACKENDS
-                and req_id not in self._claimed):
+        if isinstance(consumer, ConsumerParams) and req_id not in self._claimed:
             # Never loaded (the prompt was cached here, or it was aborted
-            # first): tell the producer, which holds the blocks until then.
+            # first): a pull producer holds its blocks, a push consumer its
+            # received bytes, until told.
             self._declined.append((consumer.backend, consumer.transfer_id, consumer.source))
         self._claimed.discard(req_id)
         self._restores.pop(req_id, None)

@@ -3,13 +3,15 @@ backend lives in its own module and is imported only when an engine uses it:
 
 - ``nixl``: one-sided reads straight between the engines' paged caches (UCX:
   shared memory, TCP, RDMA, VRAM). The default: fastest where measured.
+- ``collective``: torch.distributed send/recv (Gloo on CPU, NCCL on GPU)
+  over one two-rank process group per prefill/decode pair.
 - ``grpc``: chunk streaming through the decode worker's staging store; needs
   nothing but gRPC.
 """
 
 from __future__ import annotations
 
-BACKENDS = ("nixl", "grpc")
+BACKENDS = ("nixl", "collective", "grpc")
 DEFAULT_BACKEND = "nixl"
 # The producer keeps the prompt's blocks until the consumer has read them.
 PULL_BACKENDS = frozenset({"nixl"})
@@ -23,6 +25,11 @@ def available_backends() -> tuple[str, ...]:
             try:
                 import nixl._api  # noqa: F401
             except ImportError:
+                continue
+        if name == "collective":
+            import torch.distributed
+
+            if not torch.distributed.is_available():
                 continue
         names.append(name)
     return tuple(names)

@@ -22,7 +22,7 @@ def kv_bytes_per_token(model_path) -> int:
     return 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 2  # K+V, bf16
 
 
-BACKENDS = ["nixl", "grpc"]
+BACKENDS = ["nixl", "collective", "grpc"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -83,13 +83,56 @@ def _decode_worker_address(stack) -> str:
     return next(w.address for w in workers if w.role == "decode" and w.worker_id == "decode-0")
 
 
-def _prefill_kv_endpoint(stack, backend: str) -> str:
+def _kv_endpoint(stack, worker_id: str, backend: str) -> str:
     import asyncio
 
     from baton.registry import list_workers
 
     workers = asyncio.run(list_workers(stack.etcd_endpoint, "/baton/v1"))
-    return next(w.kv_endpoints[backend] for w in workers if w.worker_id == "prefill-0")
+    return next(w.kv_endpoints[backend] for w in workers if w.worker_id == worker_id)
+
+
+def _doomed_producer(endpoint: str) -> None:
+    """A prefill-side peer that opens a pair with the decode engine, sends a
+    transfer it refuses (another model's layout), then waits to be killed."""
+    import torch
+
+    from kv_transfer.connector.metadata import SaveSpec
+    from kv_transfer.transport.base import KVCache
+    from kv_transfer.transport.collective import CollectiveBackend
+
+    backend = CollectiveBackend("doomed-prefill", "127.0.0.1", consumer=False)
+    backend.attach(KVCache({"layer": torch.zeros((4, 2, 8))}, 4, "another-model", 2))
+    outbound = backend.send(SaveSpec("req-doomed", "t-doomed", endpoint, (0,), 2, "", "collective"))
+    outbound.layer_saved(0, backend._cache.layers[0])
+    outbound.step_done()
+    time.sleep(600)
+
+
+def test_a_killed_peer_takes_down_only_its_own_collective_pair(stack):
+    import multiprocessing as mp
+
+    from tests.e2e.conftest import wait_for
+
+    def pair_logs(event: str) -> list[dict]:
+        lines = (stack.log_dir / "decode-0.log").read_text(errors="replace").splitlines()
+        return [json.loads(line) for line in lines
+                if line.startswith("{") and f'"{event}"' in line and "doomed-prefill" in line]
+
+    doomed = mp.get_context("spawn").Process(
+        target=_doomed_producer, args=(_kv_endpoint(stack, "decode-0", "collective"),), daemon=True)
+    doomed.start()
+    wait_for(lambda: pair_logs("collective kv refused"), 60, "the doomed peer's transfer to be refused")
+    doomed.kill()
+    wait_for(lambda: pair_logs("collective pair torn down"), 30, "the killed peer's pair to be torn down")
+    # The prefill worker's own pair serves on.
+    body = {"model": stack.model_name, "max_tokens": 8, "temperature": 0,
+            "kv_transfer_params": {"kv_backend": "collective"},
+            "messages": [{"role": "user", "content": long_document(23) + "\nWhat flows north?"}]}
+    response = httpx.post(f"{stack.http_base}/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    kv = response.json()["kv_transfer_params"]
+    assert kv["backend"] == "collective" and kv["recomputed"] is False and kv["external_tokens"] > 600
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -105,7 +148,7 @@ def test_kv_that_never_arrives_is_recomputed_correctly(stack, tokenizer, grpc_ch
         request = decode_pb2.DecodeRequest(
             request_id=f"never-arrives-{backend}", prompt_token_ids=prompt, first_token_id=expected[0],
             transfer_id=transfer_id, kv_backend=backend,
-            kv_source=_prefill_kv_endpoint(stack, backend) if backend == "nixl" else "",
+            kv_source=_kv_endpoint(stack, "prefill-0", backend) if backend == "nixl" else "",
             sampling=sampling.encode(SamplingParams(max_tokens=7, temperature=0.0)))
         started = time.monotonic()
         messages = list(stub.Decode(request, timeout=120))

@@ -113,13 +113,13 @@ def on_backend(stack, reference: str, body: dict, backend: str) -> tuple[dict, d
     return baton, post(f"{reference}/v1", "/chat/completions", body)
 
 
-@pytest.mark.parametrize("backend", ["nixl", "grpc"])
+@pytest.mark.parametrize("backend", ["nixl", "collective", "grpc"])
 @pytest.mark.parametrize("offset", ["block-1", "block", "block+1", "2*block+1"])
 def test_greedy_at_block_boundaries(stack, reference, tokenizer, block_size, offset, backend):
     tokens = {"block-1": block_size - 1, "block": block_size, "block+1": block_size + 1,
               "2*block+1": 2 * block_size + 1}[offset]
     # Another filler word per backend: no prompt may hit another's prefix cache.
-    messages = _chat_of_length(tokenizer, tokens, {"nixl": " a", "grpc": " b"}[backend])
+    messages = _chat_of_length(tokenizer, tokens, {"nixl": " a", "collective": " c", "grpc": " b"}[backend])
     body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": 24}
     baton, vllm = on_backend(stack, reference, body, backend)
     assert baton["usage"]["prompt_tokens"] == tokens
@@ -127,7 +127,7 @@ def test_greedy_at_block_boundaries(stack, reference, tokenizer, block_size, off
     assert_same(baton, vllm)
 
 
-@pytest.mark.parametrize("backend", ["nixl", "grpc"])
+@pytest.mark.parametrize("backend", ["nixl", "collective", "grpc"])
 def test_greedy_long_prompts(stack, reference, backend):
     from tests.e2e.prompts import LONG_TASKS
 

@@ -1,0 +1,434 @@
+"""Collective backend: torch.distributed point-to-point over one small
+two-rank process group per prefill/decode pair: Gloo on CPU, NCCL on GPU,
+from the same code.
+
+"Many small worlds" (MultiWorld, arXiv 2407.08980): no global
+``init_process_group``. Each pair's group is built on a ``PrefixStore`` of
+the consumer's ``TCPStore`` the first time the producer sends to it, so a
+pair that fails (a peer died, a stream broke) is torn down alone while every
+other pair goes on. The consumer engine hosts the store (its endpoint in the
+registry); a producer registers a new pair key there and both sides build
+the group.
+
+On a pair, one transfer at a time, in order: header (length, then JSON),
+the consumer's accept (1) or refusal (0: no room, or a transfer it declined),
+then each layer's blocks as the producer's forward computes them (in the
+model's execution order), then which layer each was and its xxh3 digest. The consumer keeps complete transfers in a bounded,
+expiring inbox until its engine loads them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import xxhash
+
+from baton.logs import get_logger
+from kv_transfer.blocks import gather_blocks, scatter_blocks
+from kv_transfer.connector.metadata import LoadSpec, SaveSpec
+from kv_transfer.transport.base import KVCache, Received
+from kv_transfer.wire import WireError, blocks_for_tokens
+
+log = get_logger(__name__)
+
+_END = object()
+_RENDEZVOUS_S = 30  # both sides of a new pair must show up within this
+_IDLE = datetime.timedelta(days=1)  # a pair waits this long for its next transfer
+
+
+class TransferUnavailable(Exception):
+    """The transfer failed, was refused, or never arrived in time."""
+
+
+def _digest(tensor: torch.Tensor) -> int:
+    host = tensor if tensor.device.type == "cpu" else tensor.cpu()
+    # As a signed 64-bit value, so that it fits an int64 tensor.
+    return int.from_bytes(xxhash.xxh3_64_digest(memoryview(host.view(torch.uint8).numpy())), "little", signed=True)
+
+
+def _make_group(store, key: str, rank: int, device: torch.device, host: str):
+    from torch.distributed import PrefixStore, ProcessGroupGloo
+
+    prefixed = PrefixStore(key, store)
+    if device.type == "cuda":
+        from torch.distributed import ProcessGroupNCCL
+
+        return ProcessGroupNCCL(prefixed, rank, 2)
+    options = ProcessGroupGloo._Options()
+    options._timeout = _IDLE
+    options._devices = [ProcessGroupGloo.create_device(hostname=host)]
+    return ProcessGroupGloo(prefixed, rank, 2, options)
+
+
+def _close_group(group) -> None:
+    try:
+        group.abort()
+    except Exception:  # already broken: nothing left to release
+        pass
+
+
+@dataclass
+class _Inbound:
+    header: dict
+    nbytes: int
+    created_s: float
+    layers: list[torch.Tensor] = field(default_factory=list)
+    digests: list[int] = field(default_factory=list)
+    state: str = "receiving"  # → "complete" | "failed"
+    reason: str = ""
+
+
+class _Inbox:
+    """Complete transfers waiting for the engine to load them; bounded in
+    bytes (held until the load is done) and expiring."""
+
+    def __init__(self, capacity_bytes: int, ttl_s: float):
+        self._capacity = capacity_bytes
+        self._ttl_s = ttl_s
+        self._cond = threading.Condition()
+        self._items: dict[str, _Inbound] = {}
+        self._declined: OrderedDict[str, float] = OrderedDict()
+        self.bytes = 0
+
+    def reserve(self, header: dict, nbytes: int) -> str:
+        """"" if accepted, else why not (a refusal the engine's load learns
+        at once, instead of waiting for a transfer that will not come)."""
+        tid = header["t"]
+        with self._cond:
+            self._expire(time.monotonic())
+            if tid in self._declined:
+                return "declined by the consumer"
+            if tid in self._items:
+                return "already received"
+            if self.bytes + nbytes > self._capacity:
+                reason = f"inbox full ({self.bytes + nbytes} B needed, capacity {self._capacity} B)"
+                self._items[tid] = _Inbound(header, 0, time.monotonic(), state="failed", reason=reason)
+                self._cond.notify_all()
+                return reason
+            self._items[tid] = _Inbound(header, nbytes, time.monotonic())
+            self.bytes += nbytes
+            self._cond.notify_all()
+            return ""
+
+    def finish(self, tid: str, layers: list[torch.Tensor] | None, digests: list[int], reason: str = "") -> None:
+        with self._cond:
+            item = self._items.get(tid)
+            if item is None:
+                return
+            if layers is None:
+                item.state, item.reason = "failed", reason
+            else:
+                item.state, item.layers, item.digests = "complete", layers, digests
+            self._cond.notify_all()
+
+    def take(self, tid: str, start_timeout_s: float, timeout_s: float) -> _Inbound:
+        started = time.monotonic()
+        with self._cond:
+            while True:
+                item = self._items.get(tid)
+                if item is not None and item.state != "receiving":
+                    if item.state == "failed":
+                        self._drop(tid)
+                        raise TransferUnavailable(f"transfer {tid} failed: {item.reason}")
+                    return item
+                limit = timeout_s if item is not None else min(start_timeout_s, timeout_s)
+                left = started + limit - time.monotonic()
+                if left <= 0:
+                    if item is None:
+                        raise TransferUnavailable(f"transfer {tid}: its push never started within {limit:.1f} s")
+                    raise TransferUnavailable(f"transfer {tid} did not arrive within {timeout_s:.1f} s")
+                self._cond.wait(left)
+
+    def release(self, tid: str) -> None:
+        with self._cond:
+            self._drop(tid)
+
+    def decline(self, tid: str) -> None:
+        with self._cond:
+            self._declined[tid] = time.monotonic()
+            item = self._items.get(tid)
+            if item is not None and item.state != "receiving":
+                self._drop(tid)
+
+    def _drop(self, tid: str) -> None:
+        item = self._items.pop(tid, None)
+        if item is not None:
+            self.bytes -= item.nbytes
+
+    def _expire(self, now: float) -> None:
+        for tid, item in list(self._items.items()):
+            if item.state != "receiving" and now - item.created_s > self._ttl_s:
+                log.warning("collective kv expired unloaded", transfer_id=tid)
+                self._drop(tid)
+        while self._declined and now - next(iter(self._declined.values())) > self._ttl_s:
+            self._declined.popitem(last=False)
+
+
+class CollectiveBackend:
+    name = "collective"
+    holds_source_blocks = False
+
+    def __init__(self, name: str, host: str, consumer: bool, fetch_timeout_ms: int = 15_000,
+                 start_timeout_ms: int = 3_000, capacity_bytes: int = 1 << 30, ttl_s: float = 60.0):
+        self._name = name
+        self._host = host
+        self._consumer = consumer
+        self._fetch_timeout_s = fetch_timeout_ms / 1000
+        self._start_timeout_s = start_timeout_ms / 1000
+        self._cache: KVCache | None = None
+        self._closed = threading.Event()
+        # producer: one group per consumer endpoint, one transfer at a time on each
+        self._pairs: dict[str, object] = {}
+        self._pair_locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self._pushes = ThreadPoolExecutor(max_workers=8, thread_name_prefix="baton-collective-push")
+        # consumer
+        self._inbox = _Inbox(capacity_bytes, ttl_s)
+        self._store = None
+        self._groups: list = []
+
+    # --- set-up -----------------------------------------------------------
+    def attach(self, cache: KVCache) -> None:
+        self._cache = cache
+        if not self._consumer:
+            return
+        from torch.distributed import TCPStore
+
+        self._store = TCPStore(self._host, 0, is_master=True, wait_for_workers=False,
+                               timeout=datetime.timedelta(seconds=_RENDEZVOUS_S))
+        threading.Thread(target=self._accept_pairs, name="baton-collective-accept", daemon=True).start()
+        log.info("collective kv endpoint ready", endpoint=self.endpoint(), device=str(cache.device))
+
+    def endpoint(self) -> str:
+        return f"{self._host}:{self._store.port}" if self._store is not None else ""
+
+    # --- producer ---------------------------------------------------------
+    def send(self, spec: SaveSpec) -> _Push:
+        push = _Push(spec, self._cache)
+        self._pushes.submit(self._run_push, push)
+        return push
+
+    def _pair(self, target: str):
+        with self._lock:
+            group = self._pairs.get(target)
+        if group is not None:
+            return group
+        from torch.distributed import TCPStore
+
+        host, _, port = target.rpartition(":")
+        store = TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=_RENDEZVOUS_S))
+        key = f"pair/{self._name}/{uuid.uuid4().hex[:8]}"
+        store.set(f"pairs/{store.add('pairs', 1)}", key)
+        group = _make_group(store, key, 0, self._cache.device, self._host)
+        log.info("collective pair up", target=target, pair=key)
+        with self._lock:
+            self._pairs[target] = group
+        return group
+
+    def _teardown(self, target: str, group, error: Exception) -> None:
+        with self._lock:
+            if self._pairs.get(target) is group:
+                del self._pairs[target]
+        _close_group(group)
+        log.warning("collective pair torn down", target=target, error=str(error))
+
+    def _run_push(self, push: _Push) -> None:
+        spec = push.spec
+        cache = self._cache
+        with self._lock:
+            pair_lock = self._pair_locks.setdefault(spec.kv_target, threading.Lock())
+        with pair_lock:
+            group = None
+            try:
+                group = self._pair(spec.kv_target)
+                device = cache.device
+                header = json.dumps({"t": spec.transfer_id, "n": spec.num_tokens, "blocks": len(spec.block_ids),
+                                     "layout": cache.layout.layout_hash()}).encode()
+                raw = torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device)
+                group.send([torch.tensor([len(header)], dtype=torch.int64, device=device)], 1, 0).wait()
+                group.send([raw], 1, 0).wait()
+                answer = torch.zeros(1, dtype=torch.int64, device=device)
+                group.recv([answer], 1, 0).wait()
+                if not int(answer.item()):
+                    push.drain()
+                    log.warning("collective kv refused by the consumer", transfer_id=spec.transfer_id,
+                                target=spec.kv_target)
+                    return
+                order, digests, sent = [], [], 0
+                for index, blocks in push.layers(len(cache.layers)):
+                    group.send([blocks], 1, 0).wait()
+                    order.append(index)
+                    digests.append(_digest(blocks))
+                    sent += blocks.numel() * blocks.element_size()
+                group.send([torch.tensor([order, digests], dtype=torch.int64, device=device)], 1, 0).wait()
+                log.info("kv pushed", transfer_id=spec.transfer_id, bytes=sent, target=spec.kv_target,
+                         backend=self.name, ms=round((time.monotonic() - push.started_s) * 1000, 1))
+            except Exception as exc:
+                # A pair broken mid-transfer cannot be trusted for the next:
+                # rebuilt on the next send; the consumer recomputes this one.
+                push.drain()
+                if group is not None:
+                    self._teardown(spec.kv_target, group, exc)
+                else:
+                    log.warning("collective pair could not be built", target=spec.kv_target, error=str(exc))
+
+    def hold(self, req_ids: set[str], held: bool) -> None:
+        pass
+
+    def finished_sending(self) -> set[str]:
+        return set()
+
+    # --- consumer ---------------------------------------------------------
+    def _accept_pairs(self) -> None:
+        seen = 0
+        pending: set[int] = set()
+        while not self._closed.is_set():
+            try:
+                count = self._store.add("pairs", 0)
+                pending.update(range(seen + 1, count + 1))
+                seen = max(seen, count)
+                for n in sorted(pending):
+                    if self._store.check([f"pairs/{n}"]):
+                        pending.discard(n)
+                        key = self._store.get(f"pairs/{n}").decode()
+                        threading.Thread(target=self._serve_pair, args=(key,), name="baton-collective-pair",
+                                         daemon=True).start()
+            except Exception as exc:
+                log.warning("collective rendezvous error", error=str(exc))
+            self._closed.wait(0.05)
+
+    def _serve_pair(self, key: str) -> None:
+        cache = self._cache
+        device = cache.device
+        try:
+            group = _make_group(self._store, key, 1, device, self._host)
+        except Exception as exc:
+            log.warning("collective pair could not be built", pair=key, error=str(exc))
+            return
+        self._groups.append(group)
+        log.info("collective pair up", pair=key)
+        tid = ""
+        try:
+            while not self._closed.is_set():
+                tid = ""
+                length = torch.zeros(1, dtype=torch.int64, device=device)
+                group.recv([length], 0, 0).wait()
+                raw = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
+                group.recv([raw], 0, 0).wait()
+                header = json.loads(bytes(raw.cpu().numpy()))
+                tid = header["t"]
+                shape = (int(header["blocks"]), *cache.layout.block_shape)
+                layer_bytes = cache.layers[0].element_size()
+                for size in shape:
+                    layer_bytes *= size
+                refusal = self._inbox.reserve(header, layer_bytes * len(cache.layers))
+                if header.get("layout") != cache.layout.layout_hash():
+                    refusal = refusal or "KV layout mismatch"
+                    self._inbox.finish(tid, None, [], refusal)
+                group.send([torch.tensor([0 if refusal else 1], dtype=torch.int64, device=device)], 0, 0).wait()
+                if refusal:
+                    log.warning("collective kv refused", transfer_id=tid, pair=key, reason=refusal)
+                    continue
+                arrived = []
+                for _ in cache.layers:
+                    blocks = torch.empty(shape, dtype=cache.layers[0].dtype, device=device)
+                    group.recv([blocks], 0, 0).wait()
+                    arrived.append(blocks)
+                trailer = torch.empty((2, len(cache.layers)), dtype=torch.int64, device=device)
+                group.recv([trailer], 0, 0).wait()
+                order, digests = trailer.tolist()
+                if sorted(order) != list(range(len(cache.layers))):
+                    raise WireError(f"transfer {tid} named layers {order}")
+                layers, by_layer = [None] * len(order), [0] * len(order)
+                for position, index in enumerate(order):
+                    layers[index], by_layer[index] = arrived[position], digests[position]
+                self._inbox.finish(tid, layers, by_layer)
+        except Exception as exc:
+            if tid:
+                self._inbox.finish(tid, None, [], f"pair broke mid-transfer: {exc}")
+            if not self._closed.is_set():
+                log.warning("collective pair torn down", pair=key, error=str(exc))
+        finally:
+            _close_group(group)
+
+    def receive(self, spec: LoadSpec) -> Received:
+        item = self._inbox.take(spec.transfer_id, self._start_timeout_s, self._fetch_timeout_s)
+        try:
+            cache = self._cache
+            header = item.header
+            if header["n"] != spec.num_tokens:
+                raise WireError(f"transfer covers {header['n']} tokens, expected {spec.num_tokens}")
+            if header["blocks"] != blocks_for_tokens(spec.num_tokens, cache.layout.block_size):
+                raise WireError(f"transfer has {header['blocks']} blocks for {spec.num_tokens} tokens")
+            bad = [i for i, (layer, digest) in enumerate(zip(item.layers, item.digests, strict=True))
+                   if _digest(layer) != digest]
+            if bad:
+                raise WireError(f"{len(bad)} of {len(item.layers)} layers failed their checksum (first: {bad[0]})")
+            wanted = slice(spec.first_block, spec.first_block + len(spec.block_ids))
+            received = Received(item.nbytes)
+            for index, blocks in enumerate(item.layers):
+                if 0 <= spec.keep_block < len(blocks):
+                    received.kept[index] = blocks[spec.keep_block].clone()
+                scatter_blocks(cache.layers[index], cache.block_dims[index], list(spec.block_ids), blocks[wanted])
+            return received
+        finally:
+            self._inbox.release(spec.transfer_id)
+
+    def decline(self, transfer_id: str, source: str) -> None:
+        self._inbox.decline(transfer_id)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._pushes.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            groups = list(self._pairs.values()) + self._groups
+            self._pairs.clear()
+        for group in groups:
+            _close_group(group)
+
+
+class _Push:
+    """One prompt's KV on its way: the model thread copies each layer's
+    blocks out (on the cache's device) as soon as the layer has run; a push
+    thread sends them."""
+
+    def __init__(self, spec: SaveSpec, cache: KVCache):
+        self.spec = spec
+        self.started_s = time.monotonic()
+        self._cache = cache
+        self._queue: queue.Queue = queue.Queue()
+
+    def layer_saved(self, index: int, kv_layer: torch.Tensor) -> None:
+        blocks = gather_blocks(kv_layer, self._cache.block_dims[index], list(self.spec.block_ids), kv_layer.device)
+        self._queue.put((index, blocks))
+
+    def step_done(self) -> None:
+        self._queue.put(_END)
+
+    def layers(self, expected: int):
+        seen = 0
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                break
+            seen += 1
+            yield item
+        if seen != expected:
+            raise WireError(f"only {seen} of {expected} layers were saved")
+
+    def drain(self) -> None:
+        """Nothing more will be sent: let the model thread's copies go."""
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
