@@ -263,13 +263,18 @@ class CollectiveBackend:
                     log.warning("collective kv refused by the consumer", transfer_id=spec.transfer_id,
                                 target=spec.kv_target)
                     return
-                order, digests, sent = [], [], 0
+                # Layers go out as soon as computed, without waiting for one
+                # another: the i-th layer sent carries tag i + 1.
+                order, digests, sending, sent = [], [], [], 0
                 for index, blocks in push.layers(len(cache.layers)):
-                    group.send([blocks], 1, 0).wait()
+                    sending.append((group.send([blocks], 1, len(order) + 1), blocks))
                     order.append(index)
                     digests.append(_digest(blocks))
                     sent += blocks.numel() * blocks.element_size()
-                group.send([torch.tensor([order, digests], dtype=torch.int64, device=device)], 1, 0).wait()
+                for work, _blocks in sending:
+                    work.wait()
+                trailer = torch.tensor([order, digests], dtype=torch.int64, device=device)
+                group.send([trailer], 1, len(order) + 1).wait()
                 log.info("kv pushed", transfer_id=spec.transfer_id, bytes=sent, target=spec.kv_target,
                          backend=self.name, ms=round((time.monotonic() - push.started_s) * 1000, 1))
             except Exception as exc:
@@ -338,13 +343,12 @@ class CollectiveBackend:
                 if refusal:
                     log.warning("collective kv refused", transfer_id=tid, pair=key, reason=refusal)
                     continue
-                arrived = []
-                for _ in cache.layers:
-                    blocks = torch.empty(shape, dtype=cache.layers[0].dtype, device=device)
-                    group.recv([blocks], 0, 0).wait()
-                    arrived.append(blocks)
+                arrived = [torch.empty(shape, dtype=cache.layers[0].dtype, device=device) for _ in cache.layers]
+                receiving = [group.recv([blocks], 0, i + 1) for i, blocks in enumerate(arrived)]
+                for work in receiving:
+                    work.wait()
                 trailer = torch.empty((2, len(cache.layers)), dtype=torch.int64, device=device)
-                group.recv([trailer], 0, 0).wait()
+                group.recv([trailer], 0, len(arrived) + 1).wait()
                 order, digests = trailer.tolist()
                 if sorted(order) != list(range(len(cache.layers))):
                     raise WireError(f"transfer {tid} named layers {order}")
