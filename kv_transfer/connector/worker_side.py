@@ -43,7 +43,7 @@ class BatonWorkerSide:
         self._finished_recving: set[str] = set()
         self._failed_recving: set[str] = set()
         self._kept: dict[str, dict[int, torch.Tensor]] = {}  # req_id → layer index → block, for restores
-        self._in_flight: set[str] = set()  # req_ids whose load runs
+        self._in_flight: dict[str, LoadSpec] = {}  # loads that run, by req_id
         self._gone: set[str] = set()  # req_ids that finished while their load ran
         self._restores: list[tuple[int, dict[int, torch.Tensor]]] = []  # this step's (block id, kept)
 
@@ -111,7 +111,7 @@ class BatonWorkerSide:
     def start_load(self, meta: BatonConnectorMetadata) -> None:
         for spec in meta.loads:
             with self._lock:
-                self._in_flight.add(spec.req_id)
+                self._in_flight[spec.req_id] = spec
             self._load_pool.submit(self._run_load, spec)
 
     def _run_load(self, spec: LoadSpec) -> None:
@@ -133,7 +133,7 @@ class BatonWorkerSide:
                 self._finished_recving.add(spec.req_id)
         finally:
             with self._lock:
-                self._in_flight.discard(spec.req_id)
+                self._in_flight.pop(spec.req_id, None)
                 if spec.req_id in self._gone:  # aborted meanwhile: nobody will restore
                     self._gone.discard(spec.req_id)
                     self._kept.pop(spec.req_id, None)
@@ -145,8 +145,12 @@ class BatonWorkerSide:
         with self._lock:
             for req_id in finished_req_ids:  # ended before its restore (aborted)
                 self._kept.pop(req_id, None)
-                if req_id in self._in_flight:
+                spec = self._in_flight.get(req_id)
+                if spec is not None:
                     self._gone.add(req_id)
+                    # Stop waiting for KV nobody needs: vLLM frees the
+                    # request's blocks only once its load has ended.
+                    self._backends[spec.backend].cancel(spec.transfer_id)
             results = KVConnectorTransferResults(finished_sending=sending,
                                                  finished_recving=self._finished_recving,
                                                  failed_recving=self._failed_recving)

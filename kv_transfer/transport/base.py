@@ -88,6 +88,10 @@ class KVBackend(Protocol):
     def finished_sending(self) -> set[str]:
         """Held producer requests whose blocks may now be freed."""
 
+    def cancel(self, transfer_id: str) -> None:
+        """Consumer: the request ended; a load still waiting for this
+        transfer gives up now. Must not block."""
+
     def decline(self, transfer_id: str, source: str) -> None:
         """Pull backends, consumer: this transfer will not be read; the
         producer at ``source`` may free its blocks now."""

@@ -140,6 +140,8 @@ class _Inbox:
                         self._drop(tid)
                         raise TransferUnavailable(f"transfer {tid} failed: {item.reason}")
                     return item
+                if tid in self._declined:
+                    raise TransferUnavailable(f"transfer {tid}: the request ended first")
                 limit = timeout_s if item is not None else min(start_timeout_s, timeout_s)
                 left = started + limit - time.monotonic()
                 if left <= 0:
@@ -158,6 +160,7 @@ class _Inbox:
             item = self._items.get(tid)
             if item is not None and item.state != "receiving":
                 self._drop(tid)
+            self._cond.notify_all()
 
     def _drop(self, tid: str) -> None:
         item = self._items.pop(tid, None)
@@ -386,6 +389,9 @@ class CollectiveBackend:
             return received
         finally:
             self._inbox.release(spec.transfer_id)
+
+    def cancel(self, transfer_id: str) -> None:
+        self._inbox.decline(transfer_id)
 
     def decline(self, transfer_id: str, source: str) -> None:
         self._inbox.decline(transfer_id)

@@ -147,6 +147,9 @@ class GrpcBackend:
     def finished_sending(self) -> set[str]:
         return set()
 
+    def cancel(self, transfer_id: str) -> None:
+        pass  # the decode worker discards the transfer, which ends the fetch
+
     def decline(self, transfer_id: str, source: str) -> None:
         pass  # the decode worker discards what was staged for it
 

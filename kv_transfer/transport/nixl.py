@@ -253,6 +253,12 @@ class NixlBackend:
         return freed
 
     # --- consumer ---------------------------------------------------------
+    def cancel(self, transfer_id: str) -> None:
+        with self._cond:
+            self._notes[transfer_id] = _Note("F", {"t": transfer_id, "e": "the request ended first"},
+                                             time.monotonic())
+            self._cond.notify_all()
+
     def decline(self, transfer_id: str, source: str) -> None:
         peer = self._peer(source)
         self._announcer.submit(self._notify, peer.agent, b"D" + transfer_id.encode())

@@ -133,3 +133,23 @@ def test_a_declined_offer_is_freed_at_once(pair):
     producer.hold({spec.req_id}, True)
     consumer.decline("t-declined", producer.endpoint())  # the decode had the prompt cached
     wait_freed(producer, spec.req_id)
+
+
+def test_a_load_whose_request_ended_stops_waiting(pair):
+    import threading
+
+    producer, consumer = pair
+    load = LoadSpec("d-cancel", "t-cancel", (6,), 0, BLOCK, -1, "nixl", producer.endpoint())
+    consumer_agent = producer._peer(consumer.endpoint()).agent
+    producer._announcer.submit(producer._notify, consumer_agent, b"Bt-cancel").result()  # begun
+    errors = []
+    waiter = threading.Thread(target=lambda: errors.append(pytest.raises(TransferUnavailable, consumer.receive,
+                                                                         load)))
+    started = time.monotonic()
+    waiter.start()
+    time.sleep(0.5)  # begun: past the start timeout, still waiting for the prefill
+    assert waiter.is_alive()
+    consumer.cancel("t-cancel")
+    waiter.join(3)
+    assert not waiter.is_alive() and time.monotonic() - started < 3
+    assert "ended first" in str(errors[0].value)
