@@ -322,7 +322,8 @@ class CollectiveBackend:
         except Exception as exc:
             log.warning("collective pair could not be built", pair=key, error=str(exc))
             return
-        self._groups.append(group)
+        with self._lock:
+            self._groups.append(group)
         log.info("collective pair up", pair=key)
         tid = ""
         try:
@@ -365,6 +366,8 @@ class CollectiveBackend:
             if not self._closed.is_set():
                 log.warning("collective pair torn down", pair=key, error=str(exc))
         finally:
+            with self._lock:
+                self._groups.remove(group)
             _close_group(group)
 
     def receive(self, spec: LoadSpec) -> Received:
