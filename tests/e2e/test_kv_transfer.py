@@ -1,6 +1,7 @@
 """The decode worker loads the prompt's KV from the transfer instead of
 recomputing it, and recomputes correctly when the KV never arrives."""
 
+import dataclasses
 import json
 import math
 import time
@@ -192,3 +193,95 @@ def test_decode_worker_prefills_locally_without_a_transfer(stack, tokenizer, grp
         messages = list(decode_pb2_grpc.DecodeWorkerStub(channel).Decode(request, timeout=120))
     assert [t for m in messages for t in m.tokens.token_ids] == expected
     assert messages[-1].kv.external_tokens == 0
+
+
+def _engine_layout_cache(model_path, num_blocks: int):
+    """A KV cache with the engines' own layout (model, layer names, dtype,
+    block shape), holding arbitrary bytes: a stand-in prefill engine."""
+    import torch
+
+    from kv_transfer.transport.base import KVCache
+
+    hf = json.loads((model_path / "config.json").read_text())
+    signature = ";".join([",".join(hf["architectures"])] + [
+        f"{key}={hf[key]}" for key in ("num_hidden_layers", "hidden_size", "num_key_value_heads", "vocab_size")])
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    layers = {f"model.layers.{i}.self_attn.attn": torch.randn(
+        (num_blocks, hf["num_key_value_heads"], 128, 2 * head_dim)).to(torch.bfloat16)
+        for i in range(hf["num_hidden_layers"])}
+    return KVCache(layers, num_blocks, signature, 128)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_corrupted_transfer_is_detected_and_recomputed(stack, tokenizer, grpc_channel, model_path, backend,
+                                                         monkeypatch):
+    """A stand-in prefill engine (Baton's own backend code, with the engines'
+    layout) hands over KV that is damaged on the way; the decode engine
+    refuses it, says why, and recomputes the right answer."""
+    from kv_transfer.connector.metadata import SaveSpec
+    from kv_transfer.wire import blocks_for_tokens
+    from tests.e2e.test_parity import generate_ids
+
+    prompt = chat_ids(tokenizer, f"Tell me one fact about the {backend} in a short sentence.")
+    expected, _ = generate_ids(grpc_channel, prompt, 8)
+    cache = _engine_layout_cache(model_path, 7)
+    decode_logs = stack.log_dir / "decode-0.log"
+    assert f'"layout_hash": "{cache.layout.layout_hash()}"' in decode_logs.read_text(), "not the engines' layout"
+    transfer_id = f"corrupted-{backend}-{time.monotonic_ns()}"
+    blocks = tuple(range(blocks_for_tokens(len(prompt), 128)))
+    spec = SaveSpec("fake-prefill", transfer_id, "", blocks, len(prompt), "", backend)
+    source = ""
+    if backend == "nixl":
+        from kv_transfer.transport.nixl import NixlBackend
+
+        producer = NixlBackend(f"fake-prefill-{transfer_id}", offer_ttl_s=30)
+        producer.attach(cache)
+        spec = dataclasses.replace(spec, kv_target=_kv_endpoint(stack, "decode-0", "nixl"))
+        producer.send(spec).step_done()
+        producer._announcer.submit(lambda: None).result()
+        cache.layers[5][0, 0, 0, 0] += 1  # damaged after its checksum went out
+        source = producer.endpoint()
+    else:
+        if backend == "collective":
+            from kv_transfer.transport import collective
+            from kv_transfer.transport.collective import CollectiveBackend
+
+            real_digest = collective._digest
+            monkeypatch.setattr(collective, "_digest", lambda t: real_digest(t) ^ 1)  # bits flipped on the way
+            producer = CollectiveBackend("fake-prefill", "127.0.0.1", consumer=False)
+            target = _kv_endpoint(stack, "decode-0", "collective")
+        else:
+            from kv_transfer.transport import grpc_stream
+            from kv_transfer.transport.grpc_stream import GrpcBackend
+
+            real_chunks = grpc_stream.chunk_layer
+
+            def damaged(layer_index, payload, chunk_bytes):
+                for chunk in real_chunks(layer_index, payload, chunk_bytes):
+                    if layer_index == 3:  # one byte flipped after its CRC was taken
+                        chunk.data.data = bytes([chunk.data.data[0] ^ 1]) + chunk.data.data[1:]
+                    yield chunk
+
+            monkeypatch.setattr(grpc_stream, "chunk_layer", damaged)
+            producer = GrpcBackend()
+            target = _kv_endpoint(stack, "decode-0", "grpc")
+        producer.attach(cache)
+        outbound = producer.send(dataclasses.replace(spec, kv_target=target))
+        for index, layer in enumerate(cache.layers):
+            outbound.layer_saved(index, layer)
+        outbound.step_done()
+    try:
+        with grpc.insecure_channel(_decode_worker_address(stack)) as channel:
+            request = decode_pb2.DecodeRequest(
+                request_id=f"corrupted-{backend}", prompt_token_ids=prompt, first_token_id=expected[0],
+                transfer_id=transfer_id, kv_backend=backend, kv_source=source,
+                sampling=sampling.encode(SamplingParams(max_tokens=7, temperature=0.0)))
+            messages = list(decode_pb2_grpc.DecodeWorkerStub(channel).Decode(request, timeout=120))
+    finally:
+        producer.close()
+    assert [expected[0]] + [t for m in messages for t in m.tokens.token_ids] == expected
+    assert messages[-1].kv.recomputed is True
+    warnings = [json.loads(line) for line in decode_logs.read_text().splitlines()
+                if line.startswith("{") and transfer_id in line and '"kv load failed' in line]
+    assert warnings and warnings[0]["level"] == "warning", warnings
+    assert "checksum" in warnings[0]["error"], warnings[0]["error"]
