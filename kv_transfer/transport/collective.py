@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import queue
 import threading
 import time
 import uuid
@@ -33,14 +32,14 @@ import torch
 import xxhash
 
 from baton.logs import get_logger
-from kv_transfer.blocks import gather_blocks, scatter_blocks
+from kv_transfer.blocks import scatter_blocks
 from kv_transfer.connector.metadata import LoadSpec, SaveSpec
 from kv_transfer.transport.base import KVCache, Received
+from kv_transfer.transport.layer_queue import LayerQueue
 from kv_transfer.wire import WireError, blocks_for_tokens
 
 log = get_logger(__name__)
 
-_END = object()
 _RENDEZVOUS_S = 30  # both sides of a new pair must show up within this
 _IDLE = datetime.timedelta(days=1)  # a pair waits this long for its next transfer
 
@@ -215,8 +214,8 @@ class CollectiveBackend:
         return f"{self._host}:{self._store.port}" if self._store is not None else ""
 
     # --- producer ---------------------------------------------------------
-    def send(self, spec: SaveSpec) -> _Push:
-        push = _Push(spec, self._cache)
+    def send(self, spec: SaveSpec) -> LayerQueue:
+        push = LayerQueue(spec, self._cache, self._cache.device)
         self._pushes.submit(self._run_push, push)
         return push
 
@@ -244,7 +243,7 @@ class CollectiveBackend:
         _close_group(group)
         log.warning("collective pair torn down", target=target, error=str(error))
 
-    def _run_push(self, push: _Push) -> None:
+    def _run_push(self, push: LayerQueue) -> None:
         spec = push.spec
         cache = self._cache
         with self._lock:
@@ -407,41 +406,3 @@ class CollectiveBackend:
             self._pairs.clear()
         for group in groups:
             _close_group(group)
-
-
-class _Push:
-    """One prompt's KV on its way: the model thread copies each layer's
-    blocks out (on the cache's device) as soon as the layer has run; a push
-    thread sends them."""
-
-    def __init__(self, spec: SaveSpec, cache: KVCache):
-        self.spec = spec
-        self.started_s = time.monotonic()
-        self._cache = cache
-        self._queue: queue.Queue = queue.Queue()
-
-    def layer_saved(self, index: int, kv_layer: torch.Tensor) -> None:
-        blocks = gather_blocks(kv_layer, self._cache.block_dims[index], list(self.spec.block_ids), kv_layer.device)
-        self._queue.put((index, blocks))
-
-    def step_done(self) -> None:
-        self._queue.put(_END)
-
-    def layers(self, expected: int):
-        seen = 0
-        while True:
-            item = self._queue.get()
-            if item is _END:
-                break
-            seen += 1
-            yield item
-        if seen != expected:
-            raise WireError(f"only {seen} of {expected} layers were saved")
-
-    def drain(self) -> None:
-        """Nothing more will be sent: let the model thread's copies go."""
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                return

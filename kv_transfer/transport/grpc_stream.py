@@ -6,7 +6,6 @@ the 4 MiB message limit."""
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -19,14 +18,14 @@ from baton.logs import get_logger
 from baton.rpc import sync_channel
 from baton.v1 import kv_transfer_pb2 as pb
 from baton.v1 import kv_transfer_pb2_grpc as pb_grpc
-from kv_transfer.blocks import as_bytes, from_bytes, gather_blocks, scatter_blocks
+from kv_transfer.blocks import as_bytes, from_bytes, scatter_blocks
 from kv_transfer.connector.metadata import LoadSpec, SaveSpec
 from kv_transfer.transport.base import KVCache, Received
+from kv_transfer.transport.layer_queue import LayerQueue
 from kv_transfer.wire import WireError, blocks_for_tokens, chunk_layer, layer_payload_bytes
 
 log = get_logger(__name__)
 
-_END = object()
 
 
 class _ChannelCache:
@@ -125,17 +124,18 @@ class GrpcBackend:
         return ""  # the decode worker publishes its KVTransfer address itself
 
     # --- producer ---------------------------------------------------------
-    def send(self, spec: SaveSpec) -> _Push:
-        push = _Push(spec, self._cache)
+    def send(self, spec: SaveSpec) -> LayerQueue:
+        push = LayerQueue(spec, self._cache, "cpu")
         self._pushes.submit(self._run_push, push)
         return push
 
-    def _run_push(self, push: _Push) -> None:
+    def _run_push(self, push: LayerQueue) -> None:
         spec = push.spec
         header = self._cache.layout.header(spec.transfer_id, spec.num_tokens, len(spec.block_ids))
         metadata = [("traceparent", spec.traceparent)] if spec.traceparent else []
         try:
-            sent = self._sender.push(spec.kv_target, header, push.layers(len(self._cache.layers)), metadata)
+            layers = ((index, as_bytes(blocks)) for index, blocks in push.layers(len(self._cache.layers)))
+            sent = self._sender.push(spec.kv_target, header, layers, metadata)
             log.info("kv pushed", transfer_id=spec.transfer_id, bytes=sent, target=spec.kv_target,
                      blocks=len(spec.block_ids), ms=round((time.monotonic() - push.started_s) * 1000, 1))
         except Exception as exc:
@@ -200,33 +200,3 @@ class GrpcBackend:
         self._sender.close()
         if self._receiver is not None:
             self._receiver.close()
-
-
-class _Push:
-    """One prompt's KV on its way: the model thread copies each layer's
-    blocks out as soon as the layer has run; a push thread streams them."""
-
-    def __init__(self, spec: SaveSpec, cache: KVCache):
-        self.spec = spec
-        self.started_s = time.monotonic()
-        self._cache = cache
-        self._queue: queue.Queue = queue.Queue()
-
-    def layer_saved(self, index: int, kv_layer: torch.Tensor) -> None:
-        blocks = gather_blocks(kv_layer, self._cache.block_dims[index], list(self.spec.block_ids))
-        self._queue.put((index, as_bytes(blocks)))
-
-    def step_done(self) -> None:
-        self._queue.put(_END)
-
-    def layers(self, expected: int):
-        seen = 0
-        while True:
-            item = self._queue.get()
-            if item is _END:
-                break
-            seen += 1
-            yield item
-        if seen != expected:
-            # Abort the stream: the consumer marks the transfer failed.
-            raise WireError(f"only {seen} of {expected} layers were saved")
