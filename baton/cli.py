@@ -40,7 +40,7 @@ _ROUTER_FLAGS: list[tuple[str, str, type, str]] = [
 ]
 _CONTROL_PLANE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--policy", "policy", str, "placement policy: least-loaded, round-robin"),
-    ("--kv-backend", "kv_backend", str, "how KV moves: nixl (default), grpc"),
+    ("--kv-backend", "kv_backend", str, "how KV moves: nixl (default), collective, grpc"),
 ]
 _UP_FLAGS = _COMMON_FLAGS + _CONTROL_PLANE_FLAGS + [
     ("--http-port", "http_port", int, "OpenAI-compatible HTTP port"),

@@ -85,7 +85,7 @@ async def run_worker(
     registration = Registration(settings.etcd_endpoint, settings.etcd_prefix, record, settings.lease_ttl_s)
     await registration.start()
     log.info("worker serving", worker_id=worker_id, address=record.address, kv_address=kv_address,
-             kv_backends=sorted(set(backends)))
+             kv_backends=sorted(backends))
     try:
         await wait_for_signal()
     finally:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from baton.registry import WorkerRecord
-from kv_transfer.transport import PULL_BACKENDS
-
-FALLBACK = "grpc"
+from kv_transfer.transport import FALLBACK_BACKEND, PULL_BACKENDS
 
 
 def usable(backend: str, prefill: WorkerRecord, decode: WorkerRecord) -> bool:
@@ -19,4 +17,4 @@ def usable(backend: str, prefill: WorkerRecord, decode: WorkerRecord) -> bool:
 def choose_backend(wanted: str, prefill: WorkerRecord, decode: WorkerRecord) -> str:
     """``wanted`` if the pair offers it, else the fallback every decode
     worker offers; the caller logs the difference."""
-    return wanted if usable(wanted, prefill, decode) else FALLBACK
+    return wanted if usable(wanted, prefill, decode) else FALLBACK_BACKEND

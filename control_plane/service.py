@@ -11,10 +11,10 @@ import grpc
 from baton.logs import bind_request, get_logger
 from baton.registry import RegistryWatcher, WorkerRecord
 from baton.v1 import common_pb2, control_plane_pb2, control_plane_pb2_grpc
-from control_plane.kv_backend import FALLBACK, choose_backend
+from control_plane.kv_backend import choose_backend
 from control_plane.policy import Candidate, PlacementPolicy
 from control_plane.transfers import TransferState, TransferTable
-from kv_transfer.transport import BACKENDS
+from kv_transfer.transport import BACKENDS, FALLBACK_BACKEND
 
 log = get_logger(__name__)
 
@@ -28,7 +28,7 @@ _OUTCOME = {
 
 class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
     def __init__(self, registry: RegistryWatcher, policies: dict[str, PlacementPolicy],
-                 transfers: TransferTable, kv_backend: str = FALLBACK):
+                 transfers: TransferTable, kv_backend: str = FALLBACK_BACKEND):
         """``policies`` maps role → policy; one instance per role so that
         round-robin state of one pool never skews the other. ``kv_backend``:
         the deployment's transfer backend."""

@@ -14,6 +14,7 @@ from baton.logs import bind_request, get_logger
 from baton.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from kv_transfer.params import ConsumerParams, LoadReport, parse
 from kv_transfer.staging import StagingStore, TransferState
+from kv_transfer.transport import FALLBACK_BACKEND
 
 log = get_logger(__name__)
 
@@ -30,7 +31,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
         if not request.prompt_token_ids:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
         prompt = list(request.prompt_token_ids)
-        backend = request.kv_backend or "grpc"
+        backend = request.kv_backend or FALLBACK_BACKEND
         if request.HasField("first_token_id"):
             prompt.append(request.first_token_id)
         kv_params = None
@@ -75,7 +76,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
         finally:
             # KV staged for this request and not loaded (aborted before it was
             # scheduled, or a local prefix hit) would wait for its TTL.
-            if request.transfer_id and backend == "grpc" and not (report and report.external_tokens):
+            if request.transfer_id and backend == FALLBACK_BACKEND and not (report and report.external_tokens):
                 self._store.discard(request.transfer_id)
         log.info("decode done", transfer_id=request.transfer_id, tokens=produced,
                  external_tokens=report.external_tokens if report else 0,
@@ -85,7 +86,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
         if not transfer_id or report is None:
             return common_pb2.KVLoadStats()
         moved = report.bytes
-        if backend == "grpc":  # what crossed the wire: the whole staged transfer
+        if backend == FALLBACK_BACKEND:  # what crossed the wire: the whole staged transfer
             record = self._store.record(transfer_id)
             moved = record.bytes if record and record.state is TransferState.CONSUMED else 0
         return common_pb2.KVLoadStats(

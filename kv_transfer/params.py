@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kv_transfer.transport import FALLBACK_BACKEND
+
 _KEY = "baton"
 
 
@@ -17,7 +19,7 @@ class ProducerParams:
     transfer_id: str
     kv_target: str
     traceparent: str = ""
-    backend: str = "grpc"
+    backend: str = FALLBACK_BACKEND
 
     def to_dict(self) -> dict[str, Any]:
         return {_KEY: {"role": "producer", "transfer_id": self.transfer_id, "kv_target": self.kv_target,
@@ -31,7 +33,7 @@ class ConsumerParams:
 
     transfer_id: str
     remote_tokens: int
-    backend: str = "grpc"
+    backend: str = FALLBACK_BACKEND
     source: str = ""  # the prefill engine's endpoint for ``backend`` (pull backends)
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,9 +62,9 @@ def parse(params: dict[str, Any] | None) -> ProducerParams | ConsumerParams | Lo
     role = body.get("role")
     if role == "producer":
         return ProducerParams(str(body["transfer_id"]), str(body["kv_target"]), str(body.get("traceparent", "")),
-                              str(body.get("backend", "grpc")))
+                              str(body.get("backend", FALLBACK_BACKEND)))
     if role == "consumer":
-        return ConsumerParams(str(body["transfer_id"]), int(body["remote_tokens"]), str(body.get("backend", "grpc")),
+        return ConsumerParams(str(body["transfer_id"]), int(body["remote_tokens"]), str(body.get("backend", FALLBACK_BACKEND)),
                               str(body.get("source", "")))
     if role == "load_report":
         return LoadReport(str(body["transfer_id"]), int(body["external_tokens"]), bool(body["failed"]),

@@ -13,6 +13,7 @@ from baton.logs import bind_request, get_logger
 from baton.telemetry import inject_headers
 from baton.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from kv_transfer.params import ProducerParams
+from kv_transfer.transport import FALLBACK_BACKEND
 
 log = get_logger(__name__)
 
@@ -33,7 +34,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "transfer_id given without kv_target")
             kv_params = ProducerParams(request.transfer_id, request.kv_target,
                                        inject_headers().get("traceparent", ""),
-                                       request.kv_backend or "grpc").to_dict()
+                                       request.kv_backend or FALLBACK_BACKEND).to_dict()
         final = None
         try:
             wanted = sampling.decode(request.sampling)

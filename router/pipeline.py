@@ -39,6 +39,7 @@ from baton.v1 import (
     prefill_pb2,
     prefill_pb2_grpc,
 )
+from kv_transfer.transport import FALLBACK_BACKEND
 from router.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -146,7 +147,7 @@ class Pipeline:
             prefill=control_plane_pb2.WorkerEndpoint(worker_id=p.worker_id, address=p.address),
             decode=control_plane_pb2.WorkerEndpoint(worker_id=d.worker_id, address=d.address,
                                                     kv_address=d.kv_address, kv_endpoint=d.kv_address),
-            transfer_id=uuid.uuid4().hex, kv_backend="grpc")
+            transfer_id=uuid.uuid4().hex, kv_backend=FALLBACK_BACKEND)
 
     def generate(self, request: EngineRequest) -> AsyncIterator[Step]:
         span = _tracer.start_span("router.generate", attributes={
@@ -294,7 +295,7 @@ class Pipeline:
         """Free KV staged on the decode worker for a decode that will not
         happen; a no-op there if it was already loaded or never pushed.
         (Pull backends stage nothing: the producer frees unread blocks.)"""
-        if not transfer_id or placement.kv_backend not in ("", "grpc"):
+        if not transfer_id or placement.kv_backend not in ("", FALLBACK_BACKEND):
             return
         stub = kv_transfer_pb2_grpc.KVTransferStub(self._channels.get(placement.decode.kv_address))
         self._in_background(stub.Discard(kv_transfer_pb2.DiscardRequest(transfer_id=transfer_id), timeout=5))

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
+from kv_transfer.transport import FALLBACK_BACKEND
+
 
 @dataclass(frozen=True)
 class SaveSpec:
@@ -17,7 +19,7 @@ class SaveSpec:
     block_ids: tuple[int, ...]  # engine block ids covering the prompt, in order
     num_tokens: int  # prompt tokens covered
     traceparent: str
-    backend: str = "grpc"
+    backend: str = FALLBACK_BACKEND
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class LoadSpec:
     first_block: int  # index within the request of block_ids[0]
     num_tokens: int  # prompt tokens the transfer covers
     keep_block: int = -1  # request block to keep for a RestoreSpec, or -1
-    backend: str = "grpc"
+    backend: str = FALLBACK_BACKEND
     source: str = ""  # the producer's endpoint for ``backend`` (pull backends)
 
 

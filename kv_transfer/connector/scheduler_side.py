@@ -31,16 +31,15 @@ class BatonSchedulerSide:
         self.block_bytes = block_bytes  # one block of every layer
         self._pushes: dict[str, _PendingPush] = {}  # producer requests not yet pushed
         self._loads: list[LoadSpec] = []  # consumer loads for the next step
-        self._loading: dict[str, int] = {}  # req_id → external tokens being loaded
+        self._loading: dict[str, tuple[int, int]] = {}  # req_id → (external tokens, blocks written)
         self._claimed: set[str] = set()  # consumer requests whose transfer was claimed
         self._failed: set[str] = set()
         self._restores: dict[str, int] = {}  # req_id → request block to restore once loaded
         self._armed: set[str] = set()  # loaded: restore when next scheduled
-        self._load_blocks: dict[str, int] = {}  # req_id → blocks its load writes
         self._saved: dict[str, str] = {}  # producer req_id → backend, once its save was issued
         self._held: set[str] = set()  # pull: finished, blocks kept for the consumer (next step's news)
         self._released: set[str] = set()  # pull: finished, blocks freed at once (next step's news)
-        self._declined: list[tuple[str, str, str]] = []  # pull consumer: offers it will never read
+        self._declined: list[tuple[str, str, str]] = []  # consumer: transfers it will never load
 
     @staticmethod
     def _remote_tokens(request: Request, params: ConsumerParams) -> int:
@@ -74,8 +73,7 @@ class BatonSchedulerSide:
             self._loads.append(LoadSpec(request.request_id, params.transfer_id, tuple(block_ids),
                                         first_block, params.remote_tokens, keep_block, params.backend,
                                         params.source))
-            self._loading[request.request_id] = num_external_tokens
-            self._load_blocks[request.request_id] = len(block_ids) + (keep_block >= last_block)
+            self._loading[request.request_id] = (num_external_tokens, len(block_ids) + (keep_block >= last_block))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> BatonConnectorMetadata:
         meta = BatonConnectorMetadata(loads=self._loads, held=self._held, released=self._released,
@@ -128,12 +126,12 @@ class BatonSchedulerSide:
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
         self._pushes.pop(req_id, None)
-        consumer = parse(request.kv_transfer_params)
-        if isinstance(consumer, ConsumerParams) and req_id not in self._claimed:
+        params = parse(request.kv_transfer_params)
+        if isinstance(params, ConsumerParams) and req_id not in self._claimed:
             # Never loaded (the prompt was cached here, or it was aborted
             # first): a pull producer holds its blocks, a push consumer its
             # received bytes, until told.
-            self._declined.append((consumer.backend, consumer.transfer_id, consumer.source))
+            self._declined.append((params.backend, params.transfer_id, params.source))
         self._claimed.discard(req_id)
         self._restores.pop(req_id, None)
         self._armed.discard(req_id)
@@ -147,11 +145,9 @@ class BatonSchedulerSide:
                 self._held.add(req_id)
                 return True, None
             self._released.add(req_id)
-        params = parse(request.kv_transfer_params)
         if not isinstance(params, ConsumerParams):
             return False, None
-        external = self._loading.pop(req_id, 0)
-        blocks = self._load_blocks.pop(req_id, 0)
+        external, blocks = self._loading.pop(req_id, (0, 0))
         failed = req_id in self._failed
         self._failed.discard(req_id)
         report = LoadReport(params.transfer_id, 0 if failed else external, failed,

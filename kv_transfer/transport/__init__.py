@@ -12,7 +12,9 @@ backend lives in its own module and is imported only when an engine uses it:
 from __future__ import annotations
 
 BACKENDS = ("nixl", "collective", "grpc")
-DEFAULT_BACKEND = "nixl"
+# Needs nothing but gRPC: what a pair falls back to, and what an empty
+# backend field on the wire means.
+FALLBACK_BACKEND = "grpc"
 # The producer keeps the prompt's blocks until the consumer has read them.
 PULL_BACKENDS = frozenset({"nixl"})
 

@@ -93,7 +93,8 @@ class KVBackend(Protocol):
         transfer gives up now. Must not block."""
 
     def decline(self, transfer_id: str, source: str) -> None:
-        """Pull backends, consumer: this transfer will not be read; the
-        producer at ``source`` may free its blocks now."""
+        """Consumer: this transfer will not be loaded (a local prefix hit,
+        an abort). A pull producer at ``source`` may free its blocks now; a
+        push backend drops whatever of it arrives."""
 
     def close(self) -> None: ...
