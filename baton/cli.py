@@ -26,7 +26,7 @@ _COMMON_FLAGS: list[tuple[str, str, type, str]] = [
 _WORKER_FLAGS: list[tuple[str, str, type, str]] = [
     ("--worker-id", "worker_id", str, "registry id (default: generated)"),
     ("--grpc-port", "grpc_port", int, "gRPC port (0: any free port)"),
-    ("--kv-port", "kv_port", int, "decode: KVTransfer port (0: any free port)"),
+    ("--kv-port", "kv_port", int, "decode: port of the engine's grpc KV server (0: any free port)"),
     ("--cpu-cores", "cpu_cores", str, "CPU build: cores to pin the engine to, e.g. 0 or 0-1"),
     ("--kv-cache-gib", "kv_cache_gib", int, "CPU build: KV cache space in GiB"),
     ("--gpu-memory-utilization", "gpu_memory_utilization", float, "CUDA build: GPU memory fraction"),

@@ -67,6 +67,35 @@ async def start_server(
     return server, bound, health_servicer
 
 
+def start_sync_server(bindings: Iterable[ServiceBinding], host: str, port: int, max_workers: int,
+                      handlers: Iterable[grpc.GenericRpcHandler] = ()) -> tuple[grpc.Server, int]:
+    """A thread-pool server for code outside an event loop (vLLM's engine
+    processes), with health and reflection too; at most ``max_workers`` RPCs
+    at once, more are refused with RESOURCE_EXHAUSTED."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bindings = list(bindings)
+    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="baton-rpc"),
+                         maximum_concurrent_rpcs=max_workers, options=_CHANNEL_OPTIONS)
+    server.add_generic_rpc_handlers(tuple(handlers))
+    for binding in bindings:
+        binding.add(binding.servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [b.name for b in bindings]
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"cannot bind {host}:{port}")
+    server.start()
+    for name in ["", *names]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound
+
+
 def channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS, interceptors=client_interceptors())
 

@@ -43,7 +43,6 @@ async def run_worker(
     kv_role: str,
     make_bindings: Callable[[Engine], list[ServiceBinding]],
     connector_options: dict | None = None,
-    kv_address: str = "",
 ) -> None:
     """Start the engine, serve, register; on SIGINT/SIGTERM leave the
     registry first (no new work arrives), then stop serving and the engine."""
@@ -51,7 +50,7 @@ async def run_worker(
     setup_logging(f"{role}-worker", settings.log_level)
     setup_tracing(f"{role}-worker")
     # Both block for long (model conversion, ~45 s engine start): keep the
-    # loop free for what already serves (the decode worker's KVTransfer).
+    # loop free.
     model_path = await asyncio.to_thread(resolve_model, settings.model)
     name = served_name(settings, model_path)
     # The engine's connector writes how peers reach its KV here, per backend.
@@ -78,8 +77,8 @@ async def run_worker(
                                               settings.grpc_port)
     kv_endpoints = json.loads(endpoint_file.read_text())
     shutil.rmtree(endpoint_file.parent, ignore_errors=True)
-    if kv_address:
-        kv_endpoints["grpc"] = kv_address
+    # A consumer engine hosts KVTransfer (its inbox) at its grpc endpoint.
+    kv_address = kv_endpoints.get("grpc", "")
     record = WorkerRecord(worker_id=worker_id, role=role, address=advertised(settings, port),
                           model=name, kv_address=kv_address, kv_endpoints=kv_endpoints)
     registration = Registration(settings.etcd_endpoint, settings.etcd_prefix, record, settings.lease_ttl_s)

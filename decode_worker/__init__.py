@@ -1,2 +1,2 @@
-"""Decode worker: a vLLM engine in KV-consumer role behind ``DecodeWorker``,
-hosting the ``KVTransfer`` endpoint prefill workers push to."""
+"""Decode worker: a vLLM engine in KV-consumer role behind ``DecodeWorker``;
+the engine itself hosts the KV endpoints prefill workers send to."""

@@ -13,7 +13,6 @@ from baton.engine import Engine, generated_tokens, is_input_error
 from baton.logs import bind_request, get_logger
 from baton.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from kv_transfer.params import ConsumerParams, LoadReport, parse
-from kv_transfer.staging import StagingStore, TransferState
 from kv_transfer.transport import FALLBACK_BACKEND
 
 log = get_logger(__name__)
@@ -22,9 +21,8 @@ SERVICE_NAME = decode_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
-    def __init__(self, engine: Engine, store: StagingStore):
+    def __init__(self, engine: Engine):
         self._engine = engine
-        self._store = store
 
     async def Decode(self, request: decode_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
         bind_request(request.request_id)
@@ -73,11 +71,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
             if not is_input_error(exc):
                 raise
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        finally:
-            # KV staged for this request and not loaded (aborted before it was
-            # scheduled, or a local prefix hit) would wait for its TTL.
-            if request.transfer_id and backend == FALLBACK_BACKEND and not (report and report.external_tokens):
-                self._store.discard(request.transfer_id)
         log.info("decode done", transfer_id=request.transfer_id, tokens=produced,
                  external_tokens=report.external_tokens if report else 0,
                  recomputed=bool(report and report.failed))
@@ -85,14 +78,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
     def _load_stats(self, transfer_id: str, backend: str, report: LoadReport | None) -> common_pb2.KVLoadStats:
         if not transfer_id or report is None:
             return common_pb2.KVLoadStats()
-        moved = report.bytes
-        if backend == FALLBACK_BACKEND:  # what crossed the wire: the whole staged transfer
-            record = self._store.record(transfer_id)
-            moved = record.bytes if record and record.state is TransferState.CONSUMED else 0
         return common_pb2.KVLoadStats(
             transfer_id=transfer_id,
             external_tokens=report.external_tokens,
-            bytes=moved if report.external_tokens else 0,
+            bytes=report.bytes if report.external_tokens else 0,
             recomputed=report.failed,
             backend=backend,
         )

@@ -1,10 +1,9 @@
-"""KV-cache hand-over from prefill to decode workers.
+"""KV-cache hand-over from prefill to decode engines.
 
 - ``connector/``: the vLLM v1 KV connector (scheduler side, worker side),
   loaded out of tree by ``kv_connector_module_path="kv_transfer.connector"``.
-- ``service.py`` + ``staging.py``: the ``KVTransfer`` gRPC endpoint a decode
-  worker hosts, and its bounded, expiring staging store.
-- ``transport/``: how bytes move: NIXL reads between the engines' caches,
-  or gRPC chunk streaming through the staging store.
+- ``transport/``: how bytes move (NIXL reads between the engines' caches,
+  a collective send/recv, or gRPC streaming), behind one interface.
+- ``wire.py``: the cache layout both engines must share.
 - ``params.py``: the one place ``kv_transfer_params`` are built and parsed.
 """

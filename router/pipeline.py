@@ -39,7 +39,7 @@ from baton.v1 import (
     prefill_pb2,
     prefill_pb2_grpc,
 )
-from kv_transfer.transport import FALLBACK_BACKEND
+from kv_transfer.transport import FALLBACK_BACKEND, PULL_BACKENDS
 from router.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -292,10 +292,10 @@ class Pipeline:
         self._in_background(self._control_plane.ReportTransfer(report, timeout=5))
 
     def _free_staged(self, placement: control_plane_pb2.Placement, transfer_id: str) -> None:
-        """Free KV staged on the decode worker for a decode that will not
+        """Free KV pushed to the decode engine for a decode that will not
         happen; a no-op there if it was already loaded or never pushed.
-        (Pull backends stage nothing: the producer frees unread blocks.)"""
-        if not transfer_id or placement.kv_backend not in ("", FALLBACK_BACKEND):
+        (Pull backends push nothing: the producer frees unread blocks.)"""
+        if not transfer_id or (placement.kv_backend or FALLBACK_BACKEND) in PULL_BACKENDS:
             return
         stub = kv_transfer_pb2_grpc.KVTransferStub(self._channels.get(placement.decode.kv_address))
         self._in_background(stub.Discard(kv_transfer_pb2.DiscardRequest(transfer_id=transfer_id), timeout=5))

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62\x61ton/v1/kv_transfer.proto\x12\x08\x62\x61ton.v1\"%\n\x0e\x44iscardRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"!\n\nDiscardAck\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x04\"\xbf\x01\n\x08KVHeader\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x13\n\x0blayer_names\x18\x05 \x03(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x13\n\x0b\x62lock_shape\x18\x07 \x03(\r\x12\x13\n\x0blayout_hash\x18\x08 \x01(\t\x12\x14\n\x0cwire_version\x18\t \x01(\r\"J\n\x06KVData\x12\x13\n\x0blayer_index\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\"\\\n\x07KVChunk\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x12.baton.v1.KVHeaderH\x00\x12 \n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x10.baton.v1.KVDataH\x00\x42\t\n\x07payload\"\x18\n\x07PushAck\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\"V\n\x0c\x46\x65tchRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x17\n\x0fwait_timeout_ms\x18\x02 \x01(\r\x12\x18\n\x10start_timeout_ms\x18\x03 \x01(\r\"\x10\n\x0eKVStatsRequest\"\xca\x01\n\x07KVStats\x12\x14\n\x0cstaged_bytes\x18\x01 \x01(\x04\x12\x18\n\x10staged_transfers\x18\x02 \x01(\r\x12\x16\n\x0ereceived_total\x18\x03 \x01(\x04\x12\x15\n\rfetched_total\x18\x04 \x01(\x04\x12\x15\n\rexpired_total\x18\x05 \x01(\x04\x12\x16\n\x0erejected_total\x18\x06 \x01(\x04\x12\x14\n\x0c\x66\x61iled_total\x18\x07 \x01(\x04\x12\x1b\n\x13never_started_total\x18\x08 \x01(\x04\x32\xe3\x01\n\nKVTransfer\x12.\n\x04Push\x12\x11.baton.v1.KVChunk\x1a\x11.baton.v1.PushAck(\x01\x12\x34\n\x05\x46\x65tch\x12\x16.baton.v1.FetchRequest\x1a\x11.baton.v1.KVChunk0\x01\x12\x39\n\x07\x44iscard\x12\x18.baton.v1.DiscardRequest\x1a\x14.baton.v1.DiscardAck\x12\x34\n\x05Stats\x12\x18.baton.v1.KVStatsRequest\x1a\x11.baton.v1.KVStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62\x61ton/v1/kv_transfer.proto\x12\x08\x62\x61ton.v1\"%\n\x0e\x44iscardRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"!\n\nDiscardAck\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x04\"\x18\n\x07PushAck\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\"\x10\n\x0eKVStatsRequest\"\xc6\x01\n\x07KVStats\x12\x13\n\x0binbox_bytes\x18\x01 \x01(\x04\x12\x17\n\x0finbox_transfers\x18\x02 \x01(\r\x12\x16\n\x0ereceived_total\x18\x03 \x01(\x04\x12\x14\n\x0cloaded_total\x18\x04 \x01(\x04\x12\x15\n\rexpired_total\x18\x05 \x01(\x04\x12\x15\n\rrefused_total\x18\x06 \x01(\x04\x12\x14\n\x0c\x66\x61iled_total\x18\x07 \x01(\x04\x12\x1b\n\x13never_started_total\x18\x08 \x01(\x04\x32}\n\nKVTransfer\x12\x39\n\x07\x44iscard\x12\x18.baton.v1.DiscardRequest\x1a\x14.baton.v1.DiscardAck\x12\x34\n\x05Stats\x12\x18.baton.v1.KVStatsRequest\x1a\x11.baton.v1.KVStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,20 +35,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DISCARDREQUEST']._serialized_end=77
   _globals['_DISCARDACK']._serialized_start=79
   _globals['_DISCARDACK']._serialized_end=112
-  _globals['_KVHEADER']._serialized_start=115
-  _globals['_KVHEADER']._serialized_end=306
-  _globals['_KVDATA']._serialized_start=308
-  _globals['_KVDATA']._serialized_end=382
-  _globals['_KVCHUNK']._serialized_start=384
-  _globals['_KVCHUNK']._serialized_end=476
-  _globals['_PUSHACK']._serialized_start=478
-  _globals['_PUSHACK']._serialized_end=502
-  _globals['_FETCHREQUEST']._serialized_start=504
-  _globals['_FETCHREQUEST']._serialized_end=590
-  _globals['_KVSTATSREQUEST']._serialized_start=592
-  _globals['_KVSTATSREQUEST']._serialized_end=608
-  _globals['_KVSTATS']._serialized_start=611
-  _globals['_KVSTATS']._serialized_end=813
-  _globals['_KVTRANSFER']._serialized_start=816
-  _globals['_KVTRANSFER']._serialized_end=1043
+  _globals['_PUSHACK']._serialized_start=114
+  _globals['_PUSHACK']._serialized_end=138
+  _globals['_KVSTATSREQUEST']._serialized_start=140
+  _globals['_KVSTATSREQUEST']._serialized_end=156
+  _globals['_KVSTATS']._serialized_start=159
+  _globals['_KVSTATS']._serialized_end=357
+  _globals['_KVTRANSFER']._serialized_start=359
+  _globals['_KVTRANSFER']._serialized_end=484
 # @@protoc_insertion_point(module_scope)

@@ -26,9 +26,12 @@ if _version_not_supported:
 
 
 class KVTransferStub:
-    """KV-cache hand-over between a prefill and a decode worker. The producer
-    streams a header, then the blocks layer by layer in chunks well below the
-    gRPC message limit; the consumer stages them until its engine fetches them.
+    """Control of the KV a decode engine received on a push backend (`grpc`,
+    `collective`) and has not loaded yet: its inbox, bounded and expiring.
+    Served by the decode engine itself, at its `grpc` KV endpoint, beside the
+    raw-bytes method `/baton.v1.KVBytes/Push` that carries the `grpc`
+    backend's bulk bytes without protobuf (its frames are described in
+    kv_transfer/transport/grpc_stream.py) and answers a `PushAck`.
     """
 
     def __init__(self, channel):
@@ -37,16 +40,6 @@ class KVTransferStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Push = channel.stream_unary(
-                '/baton.v1.KVTransfer/Push',
-                request_serializer=baton_dot_v1_dot_kv__transfer__pb2.KVChunk.SerializeToString,
-                response_deserializer=baton_dot_v1_dot_kv__transfer__pb2.PushAck.FromString,
-                _registered_method=True)
-        self.Fetch = channel.unary_stream(
-                '/baton.v1.KVTransfer/Fetch',
-                request_serializer=baton_dot_v1_dot_kv__transfer__pb2.FetchRequest.SerializeToString,
-                response_deserializer=baton_dot_v1_dot_kv__transfer__pb2.KVChunk.FromString,
-                _registered_method=True)
         self.Discard = channel.unary_unary(
                 '/baton.v1.KVTransfer/Discard',
                 request_serializer=baton_dot_v1_dot_kv__transfer__pb2.DiscardRequest.SerializeToString,
@@ -60,26 +53,16 @@ class KVTransferStub:
 
 
 class KVTransferServicer:
-    """KV-cache hand-over between a prefill and a decode worker. The producer
-    streams a header, then the blocks layer by layer in chunks well below the
-    gRPC message limit; the consumer stages them until its engine fetches them.
+    """Control of the KV a decode engine received on a push backend (`grpc`,
+    `collective`) and has not loaded yet: its inbox, bounded and expiring.
+    Served by the decode engine itself, at its `grpc` KV endpoint, beside the
+    raw-bytes method `/baton.v1.KVBytes/Push` that carries the `grpc`
+    backend's bulk bytes without protobuf (its frames are described in
+    kv_transfer/transport/grpc_stream.py) and answers a `PushAck`.
     """
 
-    def Push(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Fetch(self, request, context):
-        """Streams the staged KV of one transfer once complete, then frees it.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def Discard(self, request, context):
-        """Frees a transfer nobody will fetch (generation ended at the first
+        """Frees a transfer nobody will load (generation ended at the first
         token); a push that arrives later is refused.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -95,16 +78,6 @@ class KVTransferServicer:
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Push': grpc.stream_unary_rpc_method_handler(
-                    servicer.Push,
-                    request_deserializer=baton_dot_v1_dot_kv__transfer__pb2.KVChunk.FromString,
-                    response_serializer=baton_dot_v1_dot_kv__transfer__pb2.PushAck.SerializeToString,
-            ),
-            'Fetch': grpc.unary_stream_rpc_method_handler(
-                    servicer.Fetch,
-                    request_deserializer=baton_dot_v1_dot_kv__transfer__pb2.FetchRequest.FromString,
-                    response_serializer=baton_dot_v1_dot_kv__transfer__pb2.KVChunk.SerializeToString,
-            ),
             'Discard': grpc.unary_unary_rpc_method_handler(
                     servicer.Discard,
                     request_deserializer=baton_dot_v1_dot_kv__transfer__pb2.DiscardRequest.FromString,
@@ -124,64 +97,13 @@ def add_KVTransferServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class KVTransfer:
-    """KV-cache hand-over between a prefill and a decode worker. The producer
-    streams a header, then the blocks layer by layer in chunks well below the
-    gRPC message limit; the consumer stages them until its engine fetches them.
+    """Control of the KV a decode engine received on a push backend (`grpc`,
+    `collective`) and has not loaded yet: its inbox, bounded and expiring.
+    Served by the decode engine itself, at its `grpc` KV endpoint, beside the
+    raw-bytes method `/baton.v1.KVBytes/Push` that carries the `grpc`
+    backend's bulk bytes without protobuf (its frames are described in
+    kv_transfer/transport/grpc_stream.py) and answers a `PushAck`.
     """
-
-    @staticmethod
-    def Push(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
-            target,
-            '/baton.v1.KVTransfer/Push',
-            baton_dot_v1_dot_kv__transfer__pb2.KVChunk.SerializeToString,
-            baton_dot_v1_dot_kv__transfer__pb2.PushAck.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Fetch(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/baton.v1.KVTransfer/Fetch',
-            baton_dot_v1_dot_kv__transfer__pb2.FetchRequest.SerializeToString,
-            baton_dot_v1_dot_kv__transfer__pb2.KVChunk.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def Discard(request,

@@ -45,13 +45,13 @@ class ConnectorOptions:
     backends: tuple[str, ...] = ("grpc",)  # transfer backends this engine offers
     endpoint_file: str = ""  # where to write this engine's endpoints (JSON, per backend) once its cache is up
     agent_name: str = ""  # nixl: this engine's agent name, unique in the cluster
-    fetch_address: str = ""  # consumer, grpc: host:port of this worker's KVTransfer endpoint
     fetch_timeout_ms: int = 15_000  # consumer: wait for the KV this long, then recompute
     push_start_timeout_ms: int = 3_000  # consumer: recompute at once if the transfer has not begun by then
     offer_ttl_s: float = 60.0  # producer, pull backends: free blocks nobody read after this;
-    # consumer, collective: drop received KV nobody loaded after this
-    kv_host: str = "127.0.0.1"  # collective: the address peers reach this engine at
-    inbox_capacity_bytes: int = 1 << 30  # consumer, collective: bound on received, unloaded KV
+    # consumer, push backends: drop received KV nobody loaded after this
+    kv_host: str = "127.0.0.1"  # consumer, push backends: the address peers reach this engine at
+    kv_port: int = 0  # consumer, grpc: port of this engine's KV server (0: any free port)
+    inbox_capacity_bytes: int = 1 << 30  # consumer, push backends: bound on received, unloaded KV
     chunk_bytes: int = 1 << 20  # producer, grpc: bytes per wire message
 
     @classmethod
@@ -75,23 +75,24 @@ def _model_signature(vllm_config: VllmConfig) -> str:
 
 def _make_backends(options: ConnectorOptions, consumer: bool) -> dict:
     from kv_transfer.transport import check_backend
+    from kv_transfer.transport.inbox import Inbox
 
+    # One bound for what the push backends received and the engine has not
+    # loaded yet, whichever backend brought it.
+    inbox = Inbox(options.inbox_capacity_bytes, options.offer_ttl_s)
     backends = {}
     for name in options.backends:
         check_backend(name)
         if name == "grpc":
             from kv_transfer.transport.grpc_stream import GrpcBackend
 
-            if consumer and not options.fetch_address:
-                raise ValueError("BatonConnector: a grpc kv_consumer needs kv_connector_extra_config.fetch_address")
-            backends[name] = GrpcBackend(options.chunk_bytes, options.fetch_address, options.fetch_timeout_ms,
-                                         options.push_start_timeout_ms)
+            backends[name] = GrpcBackend(options.kv_host, options.kv_port, consumer, inbox, options.chunk_bytes,
+                                         options.fetch_timeout_ms, options.push_start_timeout_ms)
         elif name == "collective":
             from kv_transfer.transport.collective import CollectiveBackend
 
             backends[name] = CollectiveBackend(options.agent_name or "engine", options.kv_host, consumer,
-                                               options.fetch_timeout_ms, options.push_start_timeout_ms,
-                                               options.inbox_capacity_bytes, options.offer_ttl_s)
+                                               options.fetch_timeout_ms, options.push_start_timeout_ms, inbox)
         elif name == "nixl":
             from kv_transfer.transport.nixl import NixlBackend
 

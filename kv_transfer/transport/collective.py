@@ -13,8 +13,9 @@ the group.
 On a pair, one transfer at a time, in order: header (length, then JSON),
 the consumer's accept (1) or refusal (0: no room, or a transfer it declined),
 then each layer's blocks as the producer's forward computes them (in the
-model's execution order), then which layer each was and its xxh3 digest. The consumer keeps complete transfers in a bounded,
-expiring inbox until its engine loads them.
+model's execution order), then which layer each was and its xxh3 digest.
+The consumer keeps complete transfers in the engine's inbox until it loads
+them.
 """
 
 from __future__ import annotations
@@ -24,34 +25,28 @@ import json
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
-import xxhash
 
 from baton.logs import get_logger
-from kv_transfer.blocks import scatter_blocks
 from kv_transfer.connector.metadata import LoadSpec, SaveSpec
 from kv_transfer.transport.base import KVCache, Received
+from kv_transfer.transport.inbox import (
+    Inbox,
+    TransferHeader,
+    check_layer,
+    digest,
+    load,
+    payload_bytes,
+)
 from kv_transfer.transport.layer_queue import LayerQueue
-from kv_transfer.wire import WireError, blocks_for_tokens
+from kv_transfer.wire import WireError
 
 log = get_logger(__name__)
 
 _RENDEZVOUS_S = 30  # both sides of a new pair must show up within this
 _IDLE = datetime.timedelta(days=1)  # a pair waits this long for its next transfer
-
-
-class TransferUnavailable(Exception):
-    """The transfer failed, was refused, or never arrived in time."""
-
-
-def _digest(tensor: torch.Tensor) -> int:
-    host = tensor if tensor.device.type == "cpu" else tensor.cpu()
-    # As a signed 64-bit value, so that it fits an int64 tensor.
-    return int.from_bytes(xxhash.xxh3_64_digest(memoryview(host.view(torch.uint8).numpy())), "little", signed=True)
 
 
 def _make_group(store, key: str, rank: int, device: torch.device, host: str):
@@ -75,112 +70,12 @@ def _close_group(group) -> None:
         pass
 
 
-@dataclass
-class _Inbound:
-    header: dict
-    nbytes: int
-    created_s: float
-    layers: list[torch.Tensor] = field(default_factory=list)
-    digests: list[int] = field(default_factory=list)
-    state: str = "receiving"  # → "complete" | "failed"
-    reason: str = ""
-
-
-class _Inbox:
-    """Complete transfers waiting for the engine to load them; bounded in
-    bytes (held until the load is done) and expiring."""
-
-    def __init__(self, capacity_bytes: int, ttl_s: float):
-        self._capacity = capacity_bytes
-        self._ttl_s = ttl_s
-        self._cond = threading.Condition()
-        self._items: dict[str, _Inbound] = {}
-        self._declined: OrderedDict[str, float] = OrderedDict()
-        self.bytes = 0
-
-    def reserve(self, header: dict, nbytes: int) -> str:
-        """"" if accepted, else why not (a refusal the engine's load learns
-        at once, instead of waiting for a transfer that will not come)."""
-        tid = header["t"]
-        with self._cond:
-            self._expire(time.monotonic())
-            if tid in self._declined:
-                return "declined by the consumer"
-            if tid in self._items:
-                return "already received"
-            if self.bytes + nbytes > self._capacity:
-                reason = f"inbox full ({self.bytes + nbytes} B needed, capacity {self._capacity} B)"
-                self._items[tid] = _Inbound(header, 0, time.monotonic(), state="failed", reason=reason)
-                self._cond.notify_all()
-                return reason
-            self._items[tid] = _Inbound(header, nbytes, time.monotonic())
-            self.bytes += nbytes
-            self._cond.notify_all()
-            return ""
-
-    def finish(self, tid: str, layers: list[torch.Tensor] | None, digests: list[int], reason: str = "") -> None:
-        with self._cond:
-            item = self._items.get(tid)
-            if item is None:
-                return
-            if layers is None:
-                item.state, item.reason = "failed", reason
-            else:
-                item.state, item.layers, item.digests = "complete", layers, digests
-            self._cond.notify_all()
-
-    def take(self, tid: str, start_timeout_s: float, timeout_s: float) -> _Inbound:
-        started = time.monotonic()
-        with self._cond:
-            while True:
-                item = self._items.get(tid)
-                if item is not None and item.state != "receiving":
-                    if item.state == "failed":
-                        self._drop(tid)
-                        raise TransferUnavailable(f"transfer {tid} failed: {item.reason}")
-                    return item
-                if tid in self._declined:
-                    raise TransferUnavailable(f"transfer {tid}: the request ended first")
-                limit = timeout_s if item is not None else min(start_timeout_s, timeout_s)
-                left = started + limit - time.monotonic()
-                if left <= 0:
-                    if item is None:
-                        raise TransferUnavailable(f"transfer {tid}: its push never started within {limit:.1f} s")
-                    raise TransferUnavailable(f"transfer {tid} did not arrive within {timeout_s:.1f} s")
-                self._cond.wait(left)
-
-    def release(self, tid: str) -> None:
-        with self._cond:
-            self._drop(tid)
-
-    def decline(self, tid: str) -> None:
-        with self._cond:
-            self._declined[tid] = time.monotonic()
-            item = self._items.get(tid)
-            if item is not None and item.state != "receiving":
-                self._drop(tid)
-            self._cond.notify_all()
-
-    def _drop(self, tid: str) -> None:
-        item = self._items.pop(tid, None)
-        if item is not None:
-            self.bytes -= item.nbytes
-
-    def _expire(self, now: float) -> None:
-        for tid, item in list(self._items.items()):
-            if item.state != "receiving" and now - item.created_s > self._ttl_s:
-                log.warning("collective kv expired unloaded", transfer_id=tid)
-                self._drop(tid)
-        while self._declined and now - next(iter(self._declined.values())) > self._ttl_s:
-            self._declined.popitem(last=False)
-
-
 class CollectiveBackend:
     name = "collective"
     holds_source_blocks = False
 
     def __init__(self, name: str, host: str, consumer: bool, fetch_timeout_ms: int = 15_000,
-                 start_timeout_ms: int = 3_000, capacity_bytes: int = 1 << 30, ttl_s: float = 60.0):
+                 start_timeout_ms: int = 3_000, inbox: Inbox | None = None):
         self._name = name
         self._host = host
         self._consumer = consumer
@@ -194,7 +89,7 @@ class CollectiveBackend:
         self._lock = threading.Lock()
         self._pushes = ThreadPoolExecutor(max_workers=8, thread_name_prefix="baton-collective-push")
         # consumer
-        self._inbox = _Inbox(capacity_bytes, ttl_s)
+        self._inbox = inbox if inbox is not None else Inbox(1 << 30, 60.0)
         self._store = None
         self._groups: list = []
 
@@ -253,8 +148,8 @@ class CollectiveBackend:
             try:
                 group = self._pair(spec.kv_target)
                 device = cache.device
-                header = json.dumps({"t": spec.transfer_id, "n": spec.num_tokens, "blocks": len(spec.block_ids),
-                                     "layout": cache.layout.layout_hash()}).encode()
+                header = json.dumps(TransferHeader(spec.transfer_id, spec.num_tokens, len(spec.block_ids),
+                                                   cache.layout.layout_hash()).to_dict()).encode()
                 raw = torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device)
                 group.send([torch.tensor([len(header)], dtype=torch.int64, device=device)], 1, 0).wait()
                 group.send([raw], 1, 0).wait()
@@ -271,7 +166,7 @@ class CollectiveBackend:
                 for index, blocks in push.layers(len(cache.layers)):
                     sending.append((group.send([blocks], 1, len(order) + 1), blocks))
                     order.append(index)
-                    digests.append(_digest(blocks))
+                    digests.append(digest(blocks))
                     sent += blocks.numel() * blocks.element_size()
                 for work, _blocks in sending:
                     work.wait()
@@ -332,16 +227,11 @@ class CollectiveBackend:
                 group.recv([length], 0, 0).wait()
                 raw = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
                 group.recv([raw], 0, 0).wait()
-                header = json.loads(bytes(raw.cpu().numpy()))
-                tid = header["t"]
-                shape = (int(header["blocks"]), *cache.layout.block_shape)
-                layer_bytes = cache.layers[0].element_size()
-                for size in shape:
-                    layer_bytes *= size
-                refusal = self._inbox.reserve(header, layer_bytes * len(cache.layers))
-                if header.get("layout") != cache.layout.layout_hash():
-                    refusal = refusal or "KV layout mismatch"
-                    self._inbox.finish(tid, None, [], refusal)
+                header = TransferHeader.from_dict(json.loads(bytes(raw.cpu().numpy())))
+                tid = header.transfer_id
+                shape = (header.num_blocks, *cache.layout.block_shape)
+                refusal = self._inbox.reserve(header, payload_bytes(cache, header.num_blocks) * len(cache.layers),
+                                              self._inbox.check(cache, header))
                 group.send([torch.tensor([0 if refusal else 1], dtype=torch.int64, device=device)], 0, 0).wait()
                 if refusal:
                     log.warning("collective kv refused", transfer_id=tid, pair=key, reason=refusal)
@@ -355,13 +245,19 @@ class CollectiveBackend:
                 order, digests = trailer.tolist()
                 if sorted(order) != list(range(len(cache.layers))):
                     raise WireError(f"transfer {tid} named layers {order}")
-                layers, by_layer = [None] * len(order), [0] * len(order)
-                for position, index in enumerate(order):
-                    layers[index], by_layer[index] = arrived[position], digests[position]
-                self._inbox.finish(tid, layers, by_layer)
+                layers = [None] * len(order)
+                try:
+                    for position, index in enumerate(order):
+                        check_layer(index, arrived[position], digests[position])
+                        layers[index] = arrived[position]
+                except WireError as exc:  # the pair itself is fine
+                    self._inbox.finish(tid, None, str(exc))
+                    log.warning("collective kv refused", transfer_id=tid, pair=key, reason=str(exc))
+                    continue
+                self._inbox.finish(tid, layers)
         except Exception as exc:
             if tid:
-                self._inbox.finish(tid, None, [], f"pair broke mid-transfer: {exc}")
+                self._inbox.finish(tid, None, f"pair broke mid-transfer: {exc}")
             if not self._closed.is_set():
                 log.warning("collective pair torn down", pair=key, error=str(exc))
         finally:
@@ -370,27 +266,7 @@ class CollectiveBackend:
             _close_group(group)
 
     def receive(self, spec: LoadSpec) -> Received:
-        item = self._inbox.take(spec.transfer_id, self._start_timeout_s, self._fetch_timeout_s)
-        try:
-            cache = self._cache
-            header = item.header
-            if header["n"] != spec.num_tokens:
-                raise WireError(f"transfer covers {header['n']} tokens, expected {spec.num_tokens}")
-            if header["blocks"] != blocks_for_tokens(spec.num_tokens, cache.layout.block_size):
-                raise WireError(f"transfer has {header['blocks']} blocks for {spec.num_tokens} tokens")
-            bad = [i for i, (layer, digest) in enumerate(zip(item.layers, item.digests, strict=True))
-                   if _digest(layer) != digest]
-            if bad:
-                raise WireError(f"{len(bad)} of {len(item.layers)} layers failed their checksum (first: {bad[0]})")
-            wanted = slice(spec.first_block, spec.first_block + len(spec.block_ids))
-            received = Received(item.nbytes)
-            for index, blocks in enumerate(item.layers):
-                if 0 <= spec.keep_block < len(blocks):
-                    received.kept[index] = blocks[spec.keep_block].clone()
-                scatter_blocks(cache.layers[index], cache.block_dims[index], list(spec.block_ids), blocks[wanted])
-            return received
-        finally:
-            self._inbox.release(spec.transfer_id)
+        return load(self._inbox, self._cache, spec, self._start_timeout_s, self._fetch_timeout_s)
 
     def cancel(self, transfer_id: str) -> None:
         self._inbox.decline(transfer_id)

@@ -1,46 +1,192 @@
-"""gRPC chunk streaming, the backend that needs nothing but gRPC: the
-producer streams ``KVChunk``s to the consumer worker's ``KVTransfer.Push``
-(its staging store); the consumer engine reads them back from its local
-``KVTransfer.Fetch`` and writes them into its blocks. Chunks stay far below
-the 4 MiB message limit."""
+"""gRPC streaming, the backend that needs nothing but gRPC: the producer
+streams each layer's blocks, as its forward computes them, straight to a
+small gRPC server inside the consumer engine, which keeps them in the
+engine's inbox until the load writes them into vLLM's blocks. One hop, and
+bulk bytes never go through protobuf.
+
+``/baton.v1.KVBytes/Push`` is a client stream of raw messages: first the
+transfer header (JSON, ``TransferHeader``), then a byte stream cut into
+messages of at most ``chunk_bytes``: per layer, in the order computed, a
+12-byte frame (``<iq``: layer index, xxh3 of the payload; never split across
+messages) and the payload (the transfer's blocks in request order, C
+order). Small layers that are ready together share a message: a message
+costs far more than its bytes in Python gRPC. The consumer checks each
+layer as it completes, while later ones still arrive.
+
+It answers a ``PushAck``, or RESOURCE_EXHAUSTED (inbox full) /
+FAILED_PRECONDITION (layout mismatch, declined) right after the header,
+before any KV byte moves. The same server hosts ``baton.v1.KVTransfer``
+(``Discard``, ``Stats``) over the inbox.
+"""
 
 from __future__ import annotations
 
+import json
+import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
 
 from baton.logs import get_logger
-from baton.rpc import sync_channel
+from baton.rpc import ServiceBinding, start_sync_server, sync_channel
 from baton.v1 import kv_transfer_pb2 as pb
 from baton.v1 import kv_transfer_pb2_grpc as pb_grpc
-from kv_transfer.blocks import as_bytes, from_bytes, scatter_blocks
+from kv_transfer.blocks import as_bytes
 from kv_transfer.connector.metadata import LoadSpec, SaveSpec
 from kv_transfer.transport.base import KVCache, Received
+from kv_transfer.transport.inbox import (
+    Inbox,
+    TransferHeader,
+    check_layer,
+    digest,
+    load,
+    payload_bytes,
+)
 from kv_transfer.transport.layer_queue import LayerQueue
-from kv_transfer.wire import WireError, blocks_for_tokens, chunk_layer, layer_payload_bytes
+from kv_transfer.wire import WireError
 
 log = get_logger(__name__)
 
+PUSH_METHOD = "/baton.v1.KVBytes/Push"
+_LAYER_FRAME = struct.Struct("<iq")
+# Pushes received at once; more are refused (RESOURCE_EXHAUSTED) and recomputed.
+MAX_CONCURRENT_PUSHES = 8
 
 
-class _ChannelCache:
-    """One channel per peer, shared by threads (gRPC channels are thread-safe)."""
+class _Interrupted(Exception):
+    """The producer's stream ended before the transfer was whole."""
+
+
+def _messages(push: LayerQueue, cache: KVCache, chunk_bytes: int):
+    spec = push.spec
+    yield json.dumps(TransferHeader(spec.transfer_id, spec.num_tokens, len(spec.block_ids),
+                                    cache.layout.layout_hash()).to_dict()).encode()
+    pieces: list = []
+    size = 0
+    for index, blocks in push.layers(len(cache.layers)):
+        payload = as_bytes(blocks)
+        if size + _LAYER_FRAME.size > chunk_bytes:
+            yield b"".join(pieces)
+            pieces, size = [], 0
+        pieces.append(_LAYER_FRAME.pack(index, digest(blocks)))
+        size += _LAYER_FRAME.size
+        offset = 0
+        while offset < len(payload):
+            take = min(chunk_bytes - size, len(payload) - offset)
+            pieces.append(payload[offset: offset + take])
+            size += take
+            offset += take
+            if size == chunk_bytes:
+                yield b"".join(pieces)  # the one copy of the bytes on this side
+                pieces, size = [], 0
+        if pieces and not push.has_ready():  # pipelined: do not wait for the next layer
+            yield b"".join(pieces)
+            pieces, size = [], 0
+    if pieces:
+        yield b"".join(pieces)
+
+
+class _Receiver:
+    """The consumer engine's server side: one thread per push, bounded."""
+
+    def __init__(self, cache: KVCache, inbox: Inbox):
+        self._cache = cache
+        self._inbox = inbox
+
+    def push(self, frames, context: grpc.ServicerContext) -> pb.PushAck:
+        try:
+            header = TransferHeader.from_dict(json.loads(next(frames)))
+        except (StopIteration, ValueError) as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a push must start with its JSON header: {exc}")
+        cache = self._cache
+        layer_bytes = payload_bytes(cache, header.num_blocks)
+        refusal = self._inbox.reserve(header, layer_bytes * len(cache.layers), self._inbox.check(cache, header))
+        if refusal:
+            log.warning("kv push refused", transfer_id=header.transfer_id, reason=refusal)
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if "full" in refusal else grpc.StatusCode.FAILED_PRECONDITION
+            context.abort(code, refusal)
+        try:
+            layers = self._receive_layers(frames, header, layer_bytes)
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, WireError) else f"push interrupted: {exc or type(exc).__name__}"
+            self._inbox.finish(header.transfer_id, None, reason)
+            log.warning("kv push failed", transfer_id=header.transfer_id, error=reason)
+            if isinstance(exc, WireError):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
+            raise
+        self._inbox.finish(header.transfer_id, layers)
+        return pb.PushAck(bytes=layer_bytes * len(layers))
+
+    def _receive_layers(self, frames, header: TransferHeader, layer_bytes: int):
+        cache = self._cache
+        count = len(cache.layers)
+        shape = (header.num_blocks, *cache.layout.block_shape)
+        layers: list[torch.Tensor | None] = [None] * count
+        done = 0
+        index, expected, buffer, into, filled = -1, 0, None, None, 0
+        for message in frames:
+            view = memoryview(message)
+            position = 0
+            while position < len(view):
+                if buffer is None:
+                    if done == count:
+                        raise WireError("data after the last layer")
+                    if len(view) - position < _LAYER_FRAME.size:
+                        raise WireError("a layer frame split across messages")
+                    index, expected = _LAYER_FRAME.unpack_from(view, position)
+                    position += _LAYER_FRAME.size
+                    if not 0 <= index < count or layers[index] is not None:
+                        raise WireError(f"layer {index} out of range or sent twice")
+                    buffer, filled = torch.empty(layer_bytes, dtype=torch.uint8), 0
+                    into = memoryview(buffer.numpy())
+                take = min(layer_bytes - filled, len(view) - position)
+                into[filled: filled + take] = view[position: position + take]
+                filled += take
+                position += take
+                if filled == layer_bytes:
+                    layers[index] = buffer.view(cache.layers[index].dtype).reshape(shape)
+                    check_layer(index, layers[index], expected)
+                    buffer = None
+                    done += 1
+        if done != count:
+            raise _Interrupted(f"the stream ended after {done} of {count} layers")
+        return layers
+
+
+class _Control(pb_grpc.KVTransferServicer):
+    def __init__(self, inbox: Inbox):
+        self._inbox = inbox
+
+    def Discard(self, request: pb.DiscardRequest, context) -> pb.DiscardAck:
+        freed = self._inbox.decline(request.transfer_id)
+        log.info("kv discarded", transfer_id=request.transfer_id, bytes=freed)
+        return pb.DiscardAck(freed_bytes=freed)
+
+    def Stats(self, request, context) -> pb.KVStats:
+        s = self._inbox.stats()
+        return pb.KVStats(inbox_bytes=s["bytes"], inbox_transfers=s["transfers"],
+                          received_total=s.get("received", 0), loaded_total=s.get("loaded", 0),
+                          expired_total=s.get("expired", 0), refused_total=s.get("refused", 0),
+                          failed_total=s.get("failed", 0), never_started_total=s.get("never_started", 0))
+
+
+class _Channels:
+    """One channel per consumer, shared by the push threads (gRPC channels
+    are thread-safe)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
 
-    def stub(self, address: str) -> pb_grpc.KVTransferStub:
+    def push_method(self, address: str):
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
                 channel = self._channels[address] = sync_channel(address)
-        return pb_grpc.KVTransferStub(channel)
+        return channel.stream_unary(PUSH_METHOD, response_deserializer=pb.PushAck.FromString)
 
     def close(self) -> None:
         with self._lock:
@@ -49,79 +195,44 @@ class _ChannelCache:
             self._channels.clear()
 
 
-class GrpcStreamSender:
-    def __init__(self, chunk_bytes: int, timeout_s: float = 60.0):
-        self._chunk_bytes = chunk_bytes
-        self._timeout_s = timeout_s
-        self._channels = _ChannelCache()
-
-    def push(self, target, header, layers: Iterable[tuple[int, memoryview]], metadata) -> int:
-        sent = 0
-
-        def messages():
-            nonlocal sent
-            yield pb.KVChunk(header=header)
-            for layer_index, payload in layers:
-                for chunk in chunk_layer(layer_index, payload, self._chunk_bytes):
-                    sent += len(chunk.data.data)
-                    yield chunk
-
-        self._channels.stub(target).Push(messages(), timeout=self._timeout_s, metadata=metadata)
-        return sent
-
-    def close(self) -> None:
-        self._channels.close()
-
-
-class GrpcStreamReceiver:
-    def __init__(self, address: str):
-        self._address = address
-        self._channels = _ChannelCache()
-
-    def fetch(self, transfer_id: str, wait_timeout_ms: int,
-              start_timeout_ms: int = 0) -> tuple[pb.KVHeader, Iterator[pb.KVData]]:
-        """Block until the transfer is staged; return its header and chunks.
-        Raises at once if its push has not begun within ``start_timeout_ms``."""
-        stream = self._channels.stub(self._address).Fetch(
-            pb.FetchRequest(transfer_id=transfer_id, wait_timeout_ms=wait_timeout_ms,
-                            start_timeout_ms=start_timeout_ms),
-            timeout=wait_timeout_ms / 1000 + 60,
-        )
-        first = next(stream)
-        if first.WhichOneof("payload") != "header":
-            raise WireError("fetch stream did not start with a header")
-
-        def data() -> Iterator[pb.KVData]:
-            for chunk in stream:
-                if chunk.WhichOneof("payload") != "data":
-                    raise WireError("second header in a fetch stream")
-                yield chunk.data
-
-        return first.header, data()
-
-    def close(self) -> None:
-        self._channels.close()
-
-
 class GrpcBackend:
     name = "grpc"
     holds_source_blocks = False
 
-    def __init__(self, chunk_bytes: int = 1 << 20, fetch_address: str = "", fetch_timeout_ms: int = 15_000,
-                 start_timeout_ms: int = 3_000):
-        self._sender = GrpcStreamSender(chunk_bytes)
-        self._receiver = GrpcStreamReceiver(fetch_address) if fetch_address else None
-        self._fetch_timeout_ms = fetch_timeout_ms
-        self._start_timeout_ms = start_timeout_ms
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, consumer: bool = False, inbox: Inbox | None = None,
+                 chunk_bytes: int = 1 << 20, fetch_timeout_ms: int = 15_000, start_timeout_ms: int = 3_000,
+                 push_timeout_s: float = 60.0):
+        self._host = host
+        self._port = port
+        self._consumer = consumer
+        self._inbox = inbox if inbox is not None else Inbox(1 << 30, 60.0)
+        self._chunk_bytes = chunk_bytes
+        self._fetch_timeout_s = fetch_timeout_ms / 1000
+        self._start_timeout_s = start_timeout_ms / 1000
+        self._push_timeout_s = push_timeout_s
         self._cache: KVCache | None = None
+        self._server: grpc.Server | None = None
+        self._channels = _Channels()
         # Pushes wait on layers as the forward computes them.
-        self._pushes = ThreadPoolExecutor(max_workers=16, thread_name_prefix="baton-kv-push")
+        self._pushes = ThreadPoolExecutor(max_workers=MAX_CONCURRENT_PUSHES, thread_name_prefix="baton-kv-push")
 
     def attach(self, cache: KVCache) -> None:
         self._cache = cache
+        if not self._consumer:
+            return
+        receiver = _Receiver(cache, self._inbox)
+        push = grpc.method_handlers_generic_handler("baton.v1.KVBytes", {
+            "Push": grpc.stream_unary_rpc_method_handler(receiver.push,
+                                                         response_serializer=pb.PushAck.SerializeToString)})
+        control = ServiceBinding(pb.DESCRIPTOR.services_by_name["KVTransfer"].full_name,
+                                 pb_grpc.add_KVTransferServicer_to_server, _Control(self._inbox))
+        # Room for the pushes plus a few control calls.
+        self._server, self._port = start_sync_server([control], self._host, self._port, MAX_CONCURRENT_PUSHES + 2,
+                                                     [push])
+        log.info("grpc kv endpoint ready", endpoint=self.endpoint())
 
     def endpoint(self) -> str:
-        return ""  # the decode worker publishes its KVTransfer address itself
+        return f"{self._host}:{self._port}" if self._server is not None else ""
 
     # --- producer ---------------------------------------------------------
     def send(self, spec: SaveSpec) -> LayerQueue:
@@ -131,15 +242,16 @@ class GrpcBackend:
 
     def _run_push(self, push: LayerQueue) -> None:
         spec = push.spec
-        header = self._cache.layout.header(spec.transfer_id, spec.num_tokens, len(spec.block_ids))
         metadata = [("traceparent", spec.traceparent)] if spec.traceparent else []
         try:
-            layers = ((index, as_bytes(blocks)) for index, blocks in push.layers(len(self._cache.layers)))
-            sent = self._sender.push(spec.kv_target, header, layers, metadata)
-            log.info("kv pushed", transfer_id=spec.transfer_id, bytes=sent, target=spec.kv_target,
-                     blocks=len(spec.block_ids), ms=round((time.monotonic() - push.started_s) * 1000, 1))
-        except Exception as exc:
-            log.warning("kv push failed", transfer_id=spec.transfer_id, target=spec.kv_target, error=str(exc))
+            ack = self._channels.push_method(spec.kv_target)(
+                _messages(push, self._cache, self._chunk_bytes), timeout=self._push_timeout_s, metadata=metadata)
+            log.info("kv pushed", transfer_id=spec.transfer_id, bytes=ack.bytes, target=spec.kv_target,
+                     backend=self.name, ms=round((time.monotonic() - push.started_s) * 1000, 1))
+        except Exception as exc:  # the consumer recomputes; its inbox already knows
+            push.drain()
+            detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
+            log.warning("kv push failed", transfer_id=spec.transfer_id, target=spec.kv_target, error=detail)
 
     def hold(self, req_ids: set[str], held: bool) -> None:
         pass
@@ -147,56 +259,18 @@ class GrpcBackend:
     def finished_sending(self) -> set[str]:
         return set()
 
-    def cancel(self, transfer_id: str) -> None:
-        pass  # the decode worker discards the transfer, which ends the fetch
-
-    def decline(self, transfer_id: str, source: str) -> None:
-        pass  # the decode worker discards what was staged for it
-
     # --- consumer ---------------------------------------------------------
     def receive(self, spec: LoadSpec) -> Received:
-        if self._receiver is None:
-            raise WireError("this engine has no KVTransfer endpoint to fetch from")
-        header, chunks = self._receiver.fetch(spec.transfer_id, self._fetch_timeout_ms, self._start_timeout_ms)
-        cache = self._cache
-        mine = cache.layout.layout_hash()
-        if header.layout_hash != mine:
-            raise WireError(
-                f"KV layout mismatch (producer {header.layout_hash}, consumer {mine}): prefill and "
-                "decode workers must serve the same model with the same dtype and block size"
-            )
-        if header.num_tokens != spec.num_tokens:
-            raise WireError(f"transfer covers {header.num_tokens} tokens, expected {spec.num_tokens}")
-        if header.num_blocks != blocks_for_tokens(header.num_tokens, cache.layout.block_size):
-            raise WireError(f"transfer has {header.num_blocks} blocks for {header.num_tokens} tokens")
-        wanted = slice(spec.first_block, spec.first_block + len(spec.block_ids))
-        layer_bytes = layer_payload_bytes(header)
-        dtype = getattr(torch, header.dtype)
-        shape = (header.num_blocks, *header.block_shape)
-        buffers: dict[int, bytearray] = {}
-        received = Received(0)
-        done_layers = 0
-        for data in chunks:
-            buf = buffers.setdefault(data.layer_index, bytearray())
-            if data.offset != len(buf):
-                raise WireError(f"layer {data.layer_index}: out-of-order chunk")
-            buf.extend(data.data)
-            received.bytes += len(data.data)
-            if len(buf) == layer_bytes:
-                index = data.layer_index
-                all_blocks = from_bytes(buf, dtype, shape)
-                if 0 <= spec.keep_block < header.num_blocks:
-                    received.kept[index] = all_blocks[spec.keep_block].clone()
-                scatter_blocks(cache.layers[index], cache.block_dims[index], list(spec.block_ids),
-                               all_blocks[wanted])
-                del buffers[index]
-                done_layers += 1
-        if done_layers != len(header.layer_names):
-            raise WireError(f"fetch ended with {done_layers} of {len(header.layer_names)} layers")
-        return received
+        return load(self._inbox, self._cache, spec, self._start_timeout_s, self._fetch_timeout_s)
+
+    def cancel(self, transfer_id: str) -> None:
+        self._inbox.decline(transfer_id)
+
+    def decline(self, transfer_id: str, source: str) -> None:
+        self._inbox.decline(transfer_id)
 
     def close(self) -> None:
         self._pushes.shutdown(wait=False, cancel_futures=True)
-        self._sender.close()
-        if self._receiver is not None:
-            self._receiver.close()
+        self._channels.close()
+        if self._server is not None:
+            self._server.stop(grace=None)

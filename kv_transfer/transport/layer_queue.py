@@ -49,6 +49,10 @@ class LayerQueue:
         if seen != expected:
             raise WireError(f"only {seen} of {expected} layers were saved")
 
+    def has_ready(self) -> bool:
+        """A layer (or the end) is waiting to be taken."""
+        return not self._queue.empty()
+
     def drain(self) -> None:
         """Nothing more will be sent: let the copies already made go."""
         while True:

@@ -13,6 +13,7 @@ from vllm import SamplingParams
 
 from baton import sampling
 from baton.v1 import decode_pb2, decode_pb2_grpc
+from kv_transfer.transport import PULL_BACKENDS
 from tests.e2e.conftest import KV_FETCH_TIMEOUT_MS, chat_ids
 from tests.e2e.prompts import long_document
 
@@ -28,7 +29,7 @@ BACKENDS = ["nixl", "collective", "grpc"]
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decode_loads_the_prompt_kv_from_the_transfer(stack, model_path, backend):
-    before = _staging_stats(stack)
+    before = _inbox_stats(stack)
     body = {"model": stack.model_name, "max_tokens": 8, "temperature": 0,
             "kv_transfer_params": {"kv_backend": backend},
             "messages": [{"role": "user", "content": long_document(7 + BACKENDS.index(backend)) + "\nWhat flows north?"}]}
@@ -46,11 +47,11 @@ def test_decode_loads_the_prompt_kv_from_the_transfer(stack, model_path, backend
     # Whole blocks move: ceil(prompt / block) blocks of 128 tokens (CPU) each.
     block = 128
     assert kv["bytes"] == math.ceil(prompt_tokens / block) * block * kv_bytes_per_token(model_path)
-    # Consumed KV is freed: nothing stays staged once the request is done;
-    # only the grpc backend goes through the staging store at all.
-    stats = _staging_stats(stack)
-    assert stats.staged_bytes == 0 and stats.staged_transfers == 0
-    assert stats.fetched_total - before.fetched_total == (1 if backend == "grpc" else 0)
+    # Loaded KV is freed: nothing stays in the decode engine's inbox once the
+    # request is done; the pull backend (nixl) goes through no inbox at all.
+    stats = _inbox_stats(stack)
+    assert stats.inbox_bytes == 0 and stats.inbox_transfers == 0
+    assert stats.loaded_total - before.loaded_total == (0 if backend in PULL_BACKENDS else 1)
 
 
 def test_an_unknown_backend_is_refused_and_serving_goes_on(stack):
@@ -63,7 +64,7 @@ def test_an_unknown_backend_is_refused_and_serving_goes_on(stack):
     assert httpx.post(f"{stack.http_base}/chat/completions", json=body, timeout=60).status_code == 200
 
 
-def _staging_stats(stack):
+def _inbox_stats(stack):
     import asyncio
 
     from baton.registry import list_workers
@@ -164,22 +165,31 @@ def test_kv_that_never_arrives_is_recomputed_correctly(stack, tokenizer, grpc_ch
                 if line.startswith("{") and transfer_id in line]
     assert any(w["level"] == "warning" and "never started" in w.get("error", "") for w in warnings), warnings
     assert seconds < KV_FETCH_TIMEOUT_MS / 1000
-    if backend == "grpc":
-        assert _staging_stats(stack).never_started_total >= 1
+    if backend not in PULL_BACKENDS:
+        assert _inbox_stats(stack).never_started_total >= 1
 
 
-def test_kv_of_an_answer_that_ends_at_the_first_token_is_freed(stack):
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b not in PULL_BACKENDS])
+def test_kv_of_an_answer_that_ends_at_the_first_token_is_freed(stack, backend):
     from tests.e2e.conftest import wait_for
 
+    before = _inbox_stats(stack)
     # "The" is the first token of the answer: prefill stops there, no decode runs.
     body = {"model": stack.model_name, "max_tokens": 16, "temperature": 0, "stop": ["The"],
-            "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+            "kv_transfer_params": {"kv_backend": backend},
+            "messages": [{"role": "user", "content": f"What is the capital of France? ({backend})"}]}
     response = httpx.post(f"{stack.http_base}/chat/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
     choice = response.json()["choices"][0]
     assert choice["finish_reason"] == "stop" and choice["message"]["content"] == ""
-    # Freed by the router's discard, long before the 60 s staging TTL.
-    wait_for(lambda: _staging_stats(stack).staged_bytes == 0, 10, "staged KV to be freed")
+
+    def landed():  # received whole, or refused because the discard came first
+        now = _inbox_stats(stack)
+        return now.received_total + now.refused_total > before.received_total + before.refused_total
+
+    wait_for(landed, 10, "the prompt's KV to reach the decode engine")
+    # Freed by the router's discard, long before the 60 s inbox TTL.
+    wait_for(lambda: _inbox_stats(stack).inbox_bytes == 0, 10, "the received KV to be freed")
 
 
 def test_decode_worker_prefills_locally_without_a_transfer(stack, tokenizer, grpc_channel):
@@ -242,29 +252,15 @@ def test_a_corrupted_transfer_is_detected_and_recomputed(stack, tokenizer, grpc_
         cache.layers[5][0, 0, 0, 0] += 1  # damaged after its checksum went out
         source = producer.endpoint()
     else:
+        from kv_transfer.transport import collective, grpc_stream
+
         if backend == "collective":
-            from kv_transfer.transport import collective
-            from kv_transfer.transport.collective import CollectiveBackend
-
-            real_digest = collective._digest
-            monkeypatch.setattr(collective, "_digest", lambda t: real_digest(t) ^ 1)  # bits flipped on the way
-            producer = CollectiveBackend("fake-prefill", "127.0.0.1", consumer=False)
-            target = _kv_endpoint(stack, "decode-0", "collective")
+            module, producer = collective, collective.CollectiveBackend("fake-prefill", "127.0.0.1", consumer=False)
         else:
-            from kv_transfer.transport import grpc_stream
-            from kv_transfer.transport.grpc_stream import GrpcBackend
-
-            real_chunks = grpc_stream.chunk_layer
-
-            def damaged(layer_index, payload, chunk_bytes):
-                for chunk in real_chunks(layer_index, payload, chunk_bytes):
-                    if layer_index == 3:  # one byte flipped after its CRC was taken
-                        chunk.data.data = bytes([chunk.data.data[0] ^ 1]) + chunk.data.data[1:]
-                    yield chunk
-
-            monkeypatch.setattr(grpc_stream, "chunk_layer", damaged)
-            producer = GrpcBackend()
-            target = _kv_endpoint(stack, "decode-0", "grpc")
+            module, producer = grpc_stream, grpc_stream.GrpcBackend()
+        real_digest = module.digest
+        monkeypatch.setattr(module, "digest", lambda t: real_digest(t) ^ 1)  # bits flipped on the way
+        target = _kv_endpoint(stack, "decode-0", backend)
         producer.attach(cache)
         outbound = producer.send(dataclasses.replace(spec, kv_target=target))
         for index, layer in enumerate(cache.layers):

@@ -128,9 +128,9 @@ def test_a_client_that_goes_away_cancels_its_decode(stack, read_chunks):
         assert record["tokens"] < 1400, "the decode ran on after its client left"
     time.sleep(2)
     assert not [r for r in records("decode-0.log", "decode done") if ours(r)]
-    from tests.e2e.test_kv_transfer import _staging_stats
+    from tests.e2e.test_kv_transfer import _inbox_stats
 
-    wait_for(lambda: _staging_stats(stack).staged_bytes == 0, 10, "the request's staged KV to be freed")
+    wait_for(lambda: _inbox_stats(stack).inbox_bytes == 0, 10, "the request's received KV to be freed")
 
 
 def test_the_first_chunk_waits_for_the_first_token_and_carries_it(stack, tokenizer):
