@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import shutil
 import signal
 import tempfile
@@ -20,6 +19,7 @@ from baton.model_store import resolve_model
 from baton.registry import Registration, WorkerRecord
 from baton.rpc import ServiceBinding, start_server
 from baton.telemetry import setup_tracing
+from kv_transfer.connector import read_endpoints
 from kv_transfer.transport import available_backends
 
 log = get_logger(__name__)
@@ -75,7 +75,7 @@ async def run_worker(
     ))
     server, port, health = await start_server(f"{role}-worker", make_bindings(engine), settings.host,
                                               settings.grpc_port)
-    kv_endpoints = json.loads(endpoint_file.read_text())
+    kv_endpoints = read_endpoints(str(endpoint_file))
     shutil.rmtree(endpoint_file.parent, ignore_errors=True)
     # A consumer engine hosts KVTransfer (its inbox) at its grpc endpoint.
     kv_address = kv_endpoints.get("grpc", "")

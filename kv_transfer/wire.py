@@ -22,7 +22,9 @@ class KVLayout:
     layer_names: tuple[str, ...]
     dtype: str  # torch dtype name without "torch."
     block_size: int  # tokens per block
-    block_shape: tuple[int, ...]  # one block of one layer
+    block_shape: tuple[int, ...]  # one block of one layer (of this rank's shard)
+    tp_size: int = 1  # tensor-parallel ranks the cache is split over (heads)
+    pp_size: int = 1  # pipeline-parallel ranks (layers)
 
     @property
     def block_bytes(self) -> int:
@@ -34,7 +36,7 @@ class KVLayout:
     def layout_hash(self) -> str:
         text = "|".join([
             f"v{WIRE_VERSION}", self.model_signature, ",".join(self.layer_names), self.dtype,
-            str(self.block_size), "x".join(map(str, self.block_shape)),
+            str(self.block_size), "x".join(map(str, self.block_shape)), f"tp{self.tp_size}", f"pp{self.pp_size}",
         ])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

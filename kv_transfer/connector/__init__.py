@@ -30,12 +30,13 @@ from baton.logs import ensure_logging
 from kv_transfer.connector.metadata import BatonConnectorMetadata
 from kv_transfer.connector.scheduler_side import BatonSchedulerSide
 from kv_transfer.connector.worker_side import BatonWorkerSide
+from kv_transfer.transport.base import SINGLE_RANK, ParallelRank, per_rank
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
-__all__ = ["BatonConnector", "ConnectorOptions"]
+__all__ = ["BatonConnector", "ConnectorOptions", "read_endpoints"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,28 @@ class ConnectorOptions:
         if "backends" in extra:
             extra = {**extra, "backends": tuple(extra["backends"])}
         return cls(**extra)
+
+
+def _rank_file(endpoint_file: str, index: int) -> Path:
+    return Path(f"{endpoint_file}.rank{index}")
+
+
+def read_endpoints(endpoint_file: str) -> dict[str, str]:
+    """Per backend, how peers reach an engine whose connector wrote
+    ``endpoint_file`` (each of its ranks wrote its own part)."""
+    first = json.loads(_rank_file(endpoint_file, 0).read_text())
+    ranks = [first] + [json.loads(_rank_file(endpoint_file, i).read_text()) for i in range(1, first["world"])]
+    return {name: per_rank([r["endpoints"][name] for r in ranks])
+            for name in first["endpoints"] if all(name in r["endpoints"] for r in ranks)}
+
+
+def _parallel_rank() -> ParallelRank:
+    from vllm.distributed import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return SINGLE_RANK
+    tp, pp = parallel_state.get_tp_group(), parallel_state.get_pp_group()
+    return ParallelRank(tp.rank_in_group, tp.world_size, pp.rank_in_group, pp.world_size)
 
 
 def _model_signature(vllm_config: VllmConfig) -> str:
@@ -135,13 +158,15 @@ class BatonConnector(KVConnectorBase_V1):
 
     # --- worker side ------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self._worker.register_kv_caches(kv_caches)
+        rank = _parallel_rank()
+        self._worker.register_kv_caches(kv_caches, rank)
         if self._options.endpoint_file:
             # The worker service publishes these in the registry; written
             # whole, then renamed, so it never reads half a file.
-            path = Path(self._options.endpoint_file)
-            partial = path.with_suffix(".partial")
-            partial.write_text(json.dumps(self._worker.endpoints()))
+            path = _rank_file(self._options.endpoint_file, rank.index)
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text(json.dumps({"rank": rank.index, "world": rank.world,
+                                           "endpoints": self._worker.endpoints()}))
             partial.replace(path)
 
     def bind_connector_metadata(self, connector_metadata) -> None:

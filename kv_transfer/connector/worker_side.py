@@ -13,6 +13,7 @@ waiting until ``get_transfer_results`` reports it, failed loads included
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransfe
 from baton.logs import get_logger
 from kv_transfer.blocks import scatter_blocks
 from kv_transfer.connector.metadata import BatonConnectorMetadata, LoadSpec
-from kv_transfer.transport.base import KVBackend, KVCache, Outbound
+from kv_transfer.transport.base import (
+    SINGLE_RANK,
+    KVBackend,
+    KVCache,
+    Outbound,
+    ParallelRank,
+    endpoint_for,
+)
 
 log = get_logger(__name__)
 
@@ -52,13 +60,13 @@ class BatonWorkerSide:
         return self.cache.layout if self.cache else None
 
     # --- set-up -----------------------------------------------------------
-    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self.cache = KVCache(kv_caches, self._num_blocks, self._signature, self._block_size)
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], rank: ParallelRank = SINGLE_RANK) -> None:
+        self.cache = KVCache(kv_caches, self._num_blocks, self._signature, self._block_size, rank)
         self._layer_index = {name: i for i, name in enumerate(self.cache.names)}
         for backend in self._backends.values():
             backend.attach(self.cache)
         log.info("kv caches registered", layers=len(self.cache.names), block_shape=self.cache.layout.block_shape,
-                 layout_hash=self.cache.layout.layout_hash(), backends=sorted(self._backends))
+                 layout_hash=self.cache.layout.layout_hash(), backends=sorted(self._backends), rank=str(rank))
 
     def endpoints(self) -> dict[str, str]:
         """Per backend, how peers reach this engine (empty ones left out)."""
@@ -78,11 +86,13 @@ class BatonWorkerSide:
                 backend.hold(meta.released, False)
         for name, transfer_id, source in meta.declined:
             try:
-                self._backend(name).decline(transfer_id, source)
+                self._backend(name).decline(transfer_id, endpoint_for(source, self.cache.rank))
             except Exception as exc:  # the producer frees them at its TTL
                 log.warning("could not decline a kv offer", transfer_id=transfer_id, error=str(exc))
         for spec in meta.saves:
             try:
+                # One transfer per rank: this rank's shard goes to the consumer's same rank.
+                spec = dataclasses.replace(spec, kv_target=endpoint_for(spec.kv_target, self.cache.rank))
                 self._outbound[spec.req_id] = self._backend(spec.backend).send(spec)
             except Exception as exc:  # the consumer recomputes when nothing arrives
                 log.warning("kv transfer could not be opened", transfer_id=spec.transfer_id,
@@ -117,7 +127,8 @@ class BatonWorkerSide:
     def _run_load(self, spec: LoadSpec) -> None:
         started = time.monotonic()
         try:
-            received = self._backend(spec.backend).receive(spec)
+            source = endpoint_for(spec.source, self.cache.rank)
+            received = self._backend(spec.backend).receive(dataclasses.replace(spec, source=source))
             log.info("kv loaded", transfer_id=spec.transfer_id, req_id=spec.req_id, bytes=received.bytes,
                      blocks=len(spec.block_ids), backend=spec.backend,
                      ms=round((time.monotonic() - started) * 1000, 1))

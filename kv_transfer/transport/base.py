@@ -14,6 +14,7 @@ run on vLLM's model thread and must not.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -26,18 +27,65 @@ if TYPE_CHECKING:
     from kv_transfer.connector.metadata import LoadSpec, SaveSpec
 
 
-class KVCache:
-    """vLLM's KV tensors of one engine, one per attention layer, in a fixed
-    order (sorted layer names) that producer and consumer share."""
+@dataclass(frozen=True)
+class ParallelRank:
+    """Which shard of an engine's KV cache this worker process holds: its
+    heads (tensor parallel) of its layers (pipeline parallel). A transfer
+    goes from producer rank i to consumer rank i, one per rank; both
+    engines must be split alike (the layout hash covers the sizes)."""
 
-    def __init__(self, kv_caches: dict[str, torch.Tensor], num_blocks: int, signature: str, block_size: int):
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+
+    @property
+    def index(self) -> int:
+        return self.pp_rank * self.tp_size + self.tp_rank
+
+    @property
+    def world(self) -> int:
+        return self.tp_size * self.pp_size
+
+    def __str__(self) -> str:
+        return f"tp {self.tp_rank}/{self.tp_size}, pp {self.pp_rank}/{self.pp_size}"
+
+
+SINGLE_RANK = ParallelRank()
+
+
+def per_rank(endpoints: list[str]) -> str:
+    """One endpoint string for an engine of several ranks (in rank index
+    order); an engine of one rank is published as its endpoint itself."""
+    return endpoints[0] if len(endpoints) == 1 else json.dumps(endpoints)
+
+
+def endpoint_for(endpoint: str, rank: ParallelRank) -> str:
+    """This rank's peer in a published endpoint (see ``per_rank``)."""
+    if not endpoint.startswith("["):
+        return endpoint
+    ranks = json.loads(endpoint)
+    if len(ranks) != rank.world:
+        raise ValueError(f"the peer engine has {len(ranks)} KV ranks, this one {rank.world}: "
+                         "prefill and decode engines must use the same tensor and pipeline parallel sizes")
+    return ranks[rank.index]
+
+
+class KVCache:
+    """vLLM's KV tensors of one engine (or of this rank's shard of it), one
+    per attention layer, in a fixed order (sorted layer names) that producer
+    and consumer share."""
+
+    def __init__(self, kv_caches: dict[str, torch.Tensor], num_blocks: int, signature: str, block_size: int,
+                 rank: ParallelRank = SINGLE_RANK):
         self.names = tuple(sorted(kv_caches))
         self.layers = [kv_caches[name] for name in self.names]
         self.block_dims = [find_block_dim(t, num_blocks) for t in self.layers]
         self.num_blocks = num_blocks
+        self.rank = rank
         first = self.layers[0]
         self.layout = KVLayout(signature, self.names, str(first.dtype).removeprefix("torch."), block_size,
-                               block_shape(first, self.block_dims[0]))
+                               block_shape(first, self.block_dims[0]), rank.tp_size, rank.pp_size)
 
     @property
     def device(self) -> torch.device:

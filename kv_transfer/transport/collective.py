@@ -148,8 +148,8 @@ class CollectiveBackend:
             try:
                 group = self._pair(spec.kv_target)
                 device = cache.device
-                header = json.dumps(TransferHeader(spec.transfer_id, spec.num_tokens, len(spec.block_ids),
-                                                   cache.layout.layout_hash()).to_dict()).encode()
+                header = json.dumps(TransferHeader.of(spec.transfer_id, spec.num_tokens, len(spec.block_ids),
+                                                      cache).to_dict()).encode()
                 raw = torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device)
                 group.send([torch.tensor([len(header)], dtype=torch.int64, device=device)], 1, 0).wait()
                 group.send([raw], 1, 0).wait()

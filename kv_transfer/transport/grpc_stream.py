@@ -62,8 +62,7 @@ class _Interrupted(Exception):
 
 def _messages(push: LayerQueue, cache: KVCache, chunk_bytes: int):
     spec = push.spec
-    yield json.dumps(TransferHeader(spec.transfer_id, spec.num_tokens, len(spec.block_ids),
-                                    cache.layout.layout_hash()).to_dict()).encode()
+    yield json.dumps(TransferHeader.of(spec.transfer_id, spec.num_tokens, len(spec.block_ids), cache).to_dict()).encode()
     pieces: list = []
     size = 0
     for index, blocks in push.layers(len(cache.layers)):

@@ -45,15 +45,21 @@ class TransferHeader:
     transfer_id: str
     num_tokens: int
     num_blocks: int
-    layout_hash: str
+    layout_hash: str  # covers the parallel sizes
+    rank: int = 0  # the producer's rank index (``ParallelRank.index``)
+
+    @classmethod
+    def of(cls, transfer_id: str, num_tokens: int, num_blocks: int, cache: KVCache) -> TransferHeader:
+        return cls(transfer_id, num_tokens, num_blocks, cache.layout.layout_hash(), cache.rank.index)
 
     def to_dict(self) -> dict:
-        return {"t": self.transfer_id, "n": self.num_tokens, "blocks": self.num_blocks, "layout": self.layout_hash}
+        return {"t": self.transfer_id, "n": self.num_tokens, "blocks": self.num_blocks, "layout": self.layout_hash,
+                "rank": self.rank}
 
     @classmethod
     def from_dict(cls, raw: dict) -> TransferHeader:
         try:
-            return cls(str(raw["t"]), int(raw["n"]), int(raw["blocks"]), str(raw["layout"]))
+            return cls(str(raw["t"]), int(raw["n"]), int(raw["blocks"]), str(raw["layout"]), int(raw["rank"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise WireError(f"malformed transfer header: {exc}") from exc
 
@@ -94,6 +100,8 @@ class Inbox:
         if header.layout_hash != cache.layout.layout_hash():
             return (f"KV layout mismatch (producer {header.layout_hash}, consumer {cache.layout.layout_hash()}): "
                     "prefill and decode workers must serve the same model with the same dtype and block size")
+        if header.rank != cache.rank.index:
+            return f"KV rank mismatch: rank {header.rank}'s shard sent to rank {cache.rank.index} ({cache.rank})"
         if header.num_blocks != blocks_for_tokens(header.num_tokens, cache.layout.block_size):
             return f"{header.num_blocks} blocks for {header.num_tokens} tokens"
         return ""

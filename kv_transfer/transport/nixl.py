@@ -108,13 +108,14 @@ class Peer:
     metadata: bytes
     layout_hash: str
     geometry: Geometry
+    rank: int  # its ``ParallelRank.index``
 
     @classmethod
     def parse(cls, endpoint: str) -> Peer:
         try:
             data = json.loads(endpoint)
             return cls(data["agent"], base64.b64decode(data["metadata"]), data["layout_hash"],
-                       Geometry.from_dict(data["geometry"]))
+                       Geometry.from_dict(data["geometry"]), int(data["rank"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise WireError(f"not a NIXL endpoint: {exc}") from exc
 
@@ -197,7 +198,8 @@ class NixlBackend:
         with self._agent_lock:
             metadata = self._agent.get_agent_metadata()
         return json.dumps({"agent": self._agent_name, "metadata": base64.b64encode(metadata).decode(),
-                           "layout_hash": self._cache.layout.layout_hash(), "geometry": self._geometry.to_dict()})
+                           "layout_hash": self._cache.layout.layout_hash(), "geometry": self._geometry.to_dict(),
+                           "rank": self._cache.rank.index})
 
     def _peer(self, endpoint: str) -> Peer:
         peer = Peer.parse(endpoint)
@@ -276,6 +278,9 @@ class NixlBackend:
         if peer.layout_hash != mine:
             raise WireError(f"KV layout mismatch (producer {peer.layout_hash}, consumer {mine}): prefill and "
                             "decode workers must serve the same model with the same dtype and block size")
+        if peer.rank != self._cache.rank.index:
+            raise WireError(f"KV rank mismatch: reading rank {peer.rank}'s shard into rank {self._cache.rank.index} "
+                            f"({self._cache.rank})")
         offer = self._await_offer(spec.transfer_id)
         if offer["n"] != spec.num_tokens:
             raise WireError(f"transfer covers {offer['n']} tokens, expected {spec.num_tokens}")
