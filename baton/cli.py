@@ -123,8 +123,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from baton.status import collect_status, render_table
 
         settings = _settings(args, _COMMON_FLAGS)
-        rows = asyncio.run(collect_status(settings))
-        print(json.dumps(rows, indent=2) if args.json else render_table(rows))
+        status = asyncio.run(collect_status(settings))
+        print(json.dumps(status, indent=2) if args.json else render_table(status))
         return 0
     raise ValueError(f"unknown command {args.command}")
 

@@ -10,18 +10,23 @@ from baton.rpc import channel
 from baton.v1 import control_plane_pb2, control_plane_pb2_grpc
 
 
-async def collect_status(settings: Settings) -> list[dict]:
+async def collect_status(settings: Settings) -> dict:
+    """``workers``: one row per registered worker; ``kv_backends``: per KV
+    backend, placements and how they ended (None: control plane unreachable)."""
     try:
         workers = await list_workers(settings.etcd_endpoint, settings.etcd_prefix)
     except Exception as exc:  # aetcd raises its own hierarchy; all mean "no registry"
         raise RuntimeError(f"cannot read the registry from etcd at {settings.etcd_endpoint}: {exc}") from exc
     counters: dict[str, control_plane_pb2.WorkerStatus] = {}
+    backends = None
     reachable = True
     async with channel(settings.control_plane_address) as ch:
         try:
             response = await control_plane_pb2_grpc.ControlPlaneStub(ch).ListWorkers(
                 control_plane_pb2.ListWorkersRequest(), timeout=3)
             counters = {w.worker_id: w for w in response.workers}
+            backends = {b.backend: {field: getattr(b, field) for field in _BACKEND_FIELDS}
+                        for b in response.kv_backends}
         except grpc.aio.AioRpcError:
             reachable = False
     rows = []
@@ -34,10 +39,14 @@ async def collect_status(settings: Settings) -> list[dict]:
             "consumed": c.transfers_consumed if c else 0, "failed": c.transfers_failed if c else 0,
             "expired": c.transfers_expired if c else 0}
         rows.append(row)
-    return rows
+    return {"workers": rows, "kv_backends": backends}
 
 
-def render_table(rows: list[dict]) -> str:
+_BACKEND_FIELDS = ("placed", "consumed", "failed", "recomputed", "expired", "bytes", "fallbacks")
+
+
+def render_table(status: dict) -> str:
+    rows = status["workers"]
     if not rows:
         return "no workers registered"
     lines = [f"{'WORKER':<20} {'ROLE':<8} {'ADDRESS':<22} {'STATE':<6} {'MODEL':<24} TRANSFERS"]
@@ -47,4 +56,8 @@ def render_table(rows: list[dict]) -> str:
             f"total={t['total']} consumed={t['consumed']} failed={t['failed']} "
             f"expired={t['expired']} in_flight={t['in_flight']}")
         lines.append(f"{r['worker_id']:<20} {r['role']:<8} {r['address']:<22} {r['state']:<6} {r['model']:<24} {counts}")
+    if status["kv_backends"]:
+        lines += ["", f"{'KV BACKEND':<12} " + " ".join(f"{field.upper():>11}" for field in _BACKEND_FIELDS)]
+        for name, counts in status["kv_backends"].items():
+            lines.append(f"{name:<12} " + " ".join(f"{counts[field]:>11}" for field in _BACKEND_FIELDS))
     return "\n".join(lines)

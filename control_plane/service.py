@@ -23,6 +23,7 @@ _ROLE = {"prefill": common_pb2.WORKER_ROLE_PREFILL, "decode": common_pb2.WORKER_
 _OUTCOME = {
     control_plane_pb2.TRANSFER_OUTCOME_CONSUMED: TransferState.CONSUMED,
     control_plane_pb2.TRANSFER_OUTCOME_FAILED: TransferState.FAILED,
+    control_plane_pb2.TRANSFER_OUTCOME_RECOMPUTED: TransferState.FAILED,
 }
 
 
@@ -36,7 +37,6 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
         self._policies = policies
         self._transfers = transfers
         self._kv_backend = kv_backend
-        self.kv_fallbacks = 0  # placements that could not use the backend asked for
 
     def _pick(self, role: str, model: str) -> WorkerRecord | None:
         pool = [w for w in self._registry.by_role(role) if not model or w.model == model]
@@ -60,12 +60,13 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"no live {missing} worker serves model {request.model!r}")
         backend = choose_backend(wanted, prefill, decode)
+        transfer = self._transfers.open(request.request_id, prefill.worker_id, decode.worker_id, time.monotonic(),
+                                        backend, fallback=backend != wanted)
         if backend != wanted:
-            # Loud: a silent fallback costs users days.
-            self.kv_fallbacks += 1
+            # Loud and counted: a silent fallback costs users days.
             log.warning("KV backend not offered by this pair; falling back", wanted=wanted, using=backend,
-                        prefill=prefill.worker_id, decode=decode.worker_id, fallbacks=self.kv_fallbacks)
-        transfer = self._transfers.open(request.request_id, prefill.worker_id, decode.worker_id, time.monotonic())
+                        prefill=prefill.worker_id, decode=decode.worker_id,
+                        fallbacks=self._transfers.by_backend[backend]["fallbacks"])
         log.info("placed", prefill=prefill.worker_id, decode=decode.worker_id, transfer_id=transfer.transfer_id,
                  prompt_tokens=request.prompt_tokens, kv_backend=backend)
         return control_plane_pb2.Placement(
@@ -81,10 +82,15 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
     async def ReportTransfer(self, request: control_plane_pb2.TransferReport, context):
         state = _OUTCOME.get(request.outcome)
         if state is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "outcome must be CONSUMED or FAILED")
-        closed = self._transfers.close(request.transfer_id, state, request.bytes, request.tokens)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "outcome must be CONSUMED, FAILED or RECOMPUTED")
+        recomputed = request.outcome == control_plane_pb2.TRANSFER_OUTCOME_RECOMPUTED
+        closed = self._transfers.close(request.transfer_id, state, request.bytes, request.tokens, recomputed)
         if closed is None:
             return control_plane_pb2.TransferReportAck(state="unknown")
+        if recomputed:
+            log.warning("KV not loaded; the decode worker recomputed the prompt", transfer_id=request.transfer_id,
+                        backend=closed.backend, decode=closed.decode_id, detail=request.detail,
+                        recomputed=self._transfers.by_backend[closed.backend]["recomputed"])
         log.info("transfer closed", transfer_id=request.transfer_id, state=state.value, bytes=request.bytes,
                  tokens=request.tokens, detail=request.detail)
         return control_plane_pb2.TransferReportAck(state=state.value)
@@ -100,6 +106,10 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
                 transfers_total=counts.get("total", 0), transfers_consumed=counts.get("consumed", 0),
                 transfers_failed=counts.get("failed", 0), transfers_expired=counts.get("expired", 0),
             ))
+        for backend, counts in sorted(self._transfers.by_backend.items()):
+            response.kv_backends.append(control_plane_pb2.KVBackendStatus(
+                backend=backend, **{field: counts[field] for field in (
+                    "placed", "consumed", "failed", "recomputed", "expired", "bytes", "fallbacks")}))
         return response
 
     async def run_expiry(self, interval_s: float = 1.0) -> None:

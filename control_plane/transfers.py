@@ -1,6 +1,7 @@
 """Transfer bookkeeping: every placement allocates a transfer id, tracked
 until reported consumed or failed, or expired after ``ttl_s``. Forward-only:
-PLACED → CONSUMED | FAILED | EXPIRED. Pure: time is passed in."""
+PLACED → CONSUMED | FAILED | EXPIRED. Pure: time is passed in.
+Counted per worker and per KV backend."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class Transfer:
     prefill_id: str
     decode_id: str
     created_s: float
+    backend: str = ""
     state: TransferState = TransferState.PLACED
     bytes: int = 0
     tokens: int = 0
@@ -35,15 +37,22 @@ class TransferTable:
         self._open: dict[str, Transfer] = {}
         # per worker id: "total", "consumed", "failed", "expired"
         self.counters: dict[str, Counter] = {}
+        # per backend: "placed", "fallbacks", the states, "recomputed", "bytes"
+        self.by_backend: dict[str, Counter] = {}
 
-    def open(self, request_id: str, prefill_id: str, decode_id: str, now_s: float) -> Transfer:
-        transfer = Transfer(uuid.uuid4().hex, request_id, prefill_id, decode_id, now_s)
+    def open(self, request_id: str, prefill_id: str, decode_id: str, now_s: float, backend: str = "",
+             fallback: bool = False) -> Transfer:
+        transfer = Transfer(uuid.uuid4().hex, request_id, prefill_id, decode_id, now_s, backend)
         self._open[transfer.transfer_id] = transfer
         for worker in (prefill_id, decode_id):
             self.counters.setdefault(worker, Counter())["total"] += 1
+        counts = self.by_backend.setdefault(backend, Counter())
+        counts["placed"] += 1
+        counts["fallbacks"] += fallback
         return transfer
 
-    def close(self, transfer_id: str, state: TransferState, nbytes: int = 0, tokens: int = 0) -> Transfer | None:
+    def close(self, transfer_id: str, state: TransferState, nbytes: int = 0, tokens: int = 0,
+              recomputed: bool = False) -> Transfer | None:
         """Record the outcome; unknown or already-closed ids return None."""
         transfer = self._open.pop(transfer_id, None)
         if transfer is None:
@@ -51,6 +60,10 @@ class TransferTable:
         transfer.state, transfer.bytes, transfer.tokens = state, nbytes, tokens
         for worker in (transfer.prefill_id, transfer.decode_id):
             self.counters.setdefault(worker, Counter())[state.value] += 1
+        counts = self.by_backend.setdefault(transfer.backend, Counter())
+        counts[state.value] += 1
+        counts["recomputed"] += recomputed
+        counts["bytes"] += nbytes
         return transfer
 
     def expire(self, now_s: float) -> list[Transfer]:

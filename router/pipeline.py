@@ -208,10 +208,15 @@ class Pipeline:
             elif outcome.external_tokens > 0 and not outcome.recomputed:
                 self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_CONSUMED,
                              nbytes=outcome.bytes, tokens=outcome.external_tokens)
+            elif outcome.recomputed:
+                self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_RECOMPUTED,
+                             detail="the decode worker could not load the KV")
+            elif outcome.transfer_id:
+                self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
+                             detail="KV not loaded: the decode worker had the prompt cached")
             else:
                 self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
-                             detail="KV not loaded by the decode worker" if outcome.transfer_id else
-                             "decode ended before reporting its KV load (stop string, client gone or error)")
+                             detail="decode ended before reporting its KV load (stop string, client gone or error)")
 
     async def _prefill(self, request: EngineRequest, placement: control_plane_pb2.Placement,
                        transfer_id: str) -> prefill_pb2.PrefillResponse | None:

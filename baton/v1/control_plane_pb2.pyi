@@ -13,9 +13,11 @@ class TransferOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSFER_OUTCOME_UNSPECIFIED: _ClassVar[TransferOutcome]
     TRANSFER_OUTCOME_CONSUMED: _ClassVar[TransferOutcome]
     TRANSFER_OUTCOME_FAILED: _ClassVar[TransferOutcome]
+    TRANSFER_OUTCOME_RECOMPUTED: _ClassVar[TransferOutcome]
 TRANSFER_OUTCOME_UNSPECIFIED: TransferOutcome
 TRANSFER_OUTCOME_CONSUMED: TransferOutcome
 TRANSFER_OUTCOME_FAILED: TransferOutcome
+TRANSFER_OUTCOME_RECOMPUTED: TransferOutcome
 
 class ScheduleRequest(_message.Message):
     __slots__ = ("request_id", "model", "prompt_tokens", "kv_backend")
@@ -103,8 +105,30 @@ class WorkerStatus(_message.Message):
     transfers_expired: int
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., address: _Optional[str] = ..., kv_address: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., in_flight: _Optional[int] = ..., transfers_total: _Optional[int] = ..., transfers_consumed: _Optional[int] = ..., transfers_failed: _Optional[int] = ..., transfers_expired: _Optional[int] = ...) -> None: ...
 
+class KVBackendStatus(_message.Message):
+    __slots__ = ("backend", "placed", "consumed", "failed", "recomputed", "expired", "bytes", "fallbacks")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PLACED_FIELD_NUMBER: _ClassVar[int]
+    CONSUMED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTED_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    placed: int
+    consumed: int
+    failed: int
+    recomputed: int
+    expired: int
+    bytes: int
+    fallbacks: int
+    def __init__(self, backend: _Optional[str] = ..., placed: _Optional[int] = ..., consumed: _Optional[int] = ..., failed: _Optional[int] = ..., recomputed: _Optional[int] = ..., expired: _Optional[int] = ..., bytes: _Optional[int] = ..., fallbacks: _Optional[int] = ...) -> None: ...
+
 class ListWorkersResponse(_message.Message):
-    __slots__ = ("workers",)
+    __slots__ = ("workers", "kv_backends")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    KV_BACKENDS_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...
+    kv_backends: _containers.RepeatedCompositeFieldContainer[KVBackendStatus]
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., kv_backends: _Optional[_Iterable[_Union[KVBackendStatus, _Mapping]]] = ...) -> None: ...

@@ -29,7 +29,10 @@ BACKENDS = ["nixl", "collective", "grpc"]
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decode_loads_the_prompt_kv_from_the_transfer(stack, model_path, backend):
+    from tests.e2e.test_registry_and_status import status_json
+
     before = _inbox_stats(stack)
+    counted_before = (status_json(stack)["kv_backends"] or {}).get(backend, {})
     body = {"model": stack.model_name, "max_tokens": 8, "temperature": 0,
             "kv_transfer_params": {"kv_backend": backend},
             "messages": [{"role": "user", "content": long_document(7 + BACKENDS.index(backend)) + "\nWhat flows north?"}]}
@@ -52,6 +55,18 @@ def test_decode_loads_the_prompt_kv_from_the_transfer(stack, model_path, backend
     stats = _inbox_stats(stack)
     assert stats.inbox_bytes == 0 and stats.inbox_transfers == 0
     assert stats.loaded_total - before.loaded_total == (0 if backend in PULL_BACKENDS else 1)
+    # The control plane counts it under its backend (`baton status`); the
+    # router reports it once the answer is out.
+    from tests.e2e.conftest import wait_for
+
+    def counted_now():
+        now = (status_json(stack)["kv_backends"] or {}).get(backend, {})
+        return now if now.get("consumed", 0) > counted_before.get("consumed", 0) else None
+
+    counted = wait_for(counted_now, 10, "the transfer to be counted")
+    assert counted["consumed"] - counted_before.get("consumed", 0) == 1
+    assert counted["bytes"] - counted_before.get("bytes", 0) == kv["bytes"]
+    assert counted["recomputed"] == counted_before.get("recomputed", 0)
 
 
 def test_an_unknown_backend_is_refused_and_serving_goes_on(stack):

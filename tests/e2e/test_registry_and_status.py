@@ -20,10 +20,14 @@ def workers(stack) -> dict[str, object]:
     return {w.worker_id: w for w in asyncio.run(list_workers(stack.etcd_endpoint, "/baton/v1"))}
 
 
-def status(stack) -> dict[str, dict]:
+def status_json(stack) -> dict:
     out = subprocess.run(baton_command("status", "--json", *stack.env_flags()), capture_output=True,
                          text=True, timeout=60, cwd=REPO, check=True).stdout
-    return {row["worker_id"]: row for row in json.loads(out)}
+    return json.loads(out)
+
+
+def status(stack) -> dict[str, dict]:
+    return {row["worker_id"]: row for row in status_json(stack)["workers"]}
 
 
 def ask(stack) -> dict:
