@@ -41,6 +41,19 @@ class ServiceBinding:
     servicer: object
 
 
+def _add_health_and_reflection(server, bindings: list[ServiceBinding], health_servicer) -> list[str]:
+    """Mount the bindings, health and reflection; returns the services' names."""
+    for binding in bindings:
+        binding.add(binding.servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [b.name for b in bindings]
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    return names
+
+
 async def start_server(
     service: str, bindings: Iterable[ServiceBinding], host: str, port: int
 ) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
@@ -49,15 +62,8 @@ async def start_server(
     server = grpc.aio.server(
         interceptors=[ServerTraceInterceptor(service)], options=_CHANNEL_OPTIONS
     )
-    for binding in bindings:
-        binding.add(binding.servicer, server)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [b.name for b in bindings]
-    reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
-    )
+    names = _add_health_and_reflection(server, bindings, health_servicer)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"{service}: cannot bind {host}:{port}")
@@ -78,15 +84,8 @@ def start_sync_server(bindings: Iterable[ServiceBinding], host: str, port: int, 
     server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="baton-rpc"),
                          maximum_concurrent_rpcs=max_workers, options=_CHANNEL_OPTIONS)
     server.add_generic_rpc_handlers(tuple(handlers))
-    for binding in bindings:
-        binding.add(binding.servicer, server)
     health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [b.name for b in bindings]
-    reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
-    )
+    names = _add_health_and_reflection(server, bindings, health_servicer)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"cannot bind {host}:{port}")

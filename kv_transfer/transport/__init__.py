@@ -5,8 +5,11 @@ backend lives in its own module and is imported only when an engine uses it:
   shared memory, TCP, RDMA, VRAM). The default: fastest where measured.
 - ``collective``: torch.distributed send/recv (Gloo on CPU, NCCL on GPU)
   over one two-rank process group per prefill/decode pair.
-- ``grpc``: chunk streaming through the decode worker's staging store; needs
-  nothing but gRPC.
+- ``grpc``: each layer streamed over gRPC straight into the decode engine;
+  needs nothing but gRPC.
+
+The push backends (``collective``, ``grpc``) share ``layer_queue`` (the
+producer half) and ``inbox`` (the consumer half).
 """
 
 from __future__ import annotations

@@ -30,14 +30,14 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from baton.logs import get_logger
-from kv_transfer.connector.metadata import LoadSpec, SaveSpec
-from kv_transfer.transport.base import KVCache, Received
+from kv_transfer.connector.metadata import SaveSpec
+from kv_transfer.transport.base import KVCache
 from kv_transfer.transport.inbox import (
     Inbox,
+    InboxBackend,
     TransferHeader,
     check_layer,
     digest,
-    load,
     payload_bytes,
 )
 from kv_transfer.transport.layer_queue import LayerQueue
@@ -70,18 +70,15 @@ def _close_group(group) -> None:
         pass
 
 
-class CollectiveBackend:
+class CollectiveBackend(InboxBackend):
     name = "collective"
-    holds_source_blocks = False
 
     def __init__(self, name: str, host: str, consumer: bool, fetch_timeout_ms: int = 15_000,
                  start_timeout_ms: int = 3_000, inbox: Inbox | None = None):
+        super().__init__(inbox, fetch_timeout_ms, start_timeout_ms)
         self._name = name
         self._host = host
         self._consumer = consumer
-        self._fetch_timeout_s = fetch_timeout_ms / 1000
-        self._start_timeout_s = start_timeout_ms / 1000
-        self._cache: KVCache | None = None
         self._closed = threading.Event()
         # producer: one group per consumer endpoint, one transfer at a time on each
         self._pairs: dict[str, object] = {}
@@ -89,7 +86,6 @@ class CollectiveBackend:
         self._lock = threading.Lock()
         self._pushes = ThreadPoolExecutor(max_workers=8, thread_name_prefix="baton-collective-push")
         # consumer
-        self._inbox = inbox if inbox is not None else Inbox(1 << 30, 60.0)
         self._store = None
         self._groups: list = []
 
@@ -183,12 +179,6 @@ class CollectiveBackend:
                 else:
                     log.warning("collective pair could not be built", target=spec.kv_target, error=str(exc))
 
-    def hold(self, req_ids: set[str], held: bool) -> None:
-        pass
-
-    def finished_sending(self) -> set[str]:
-        return set()
-
     # --- consumer ---------------------------------------------------------
     def _accept_pairs(self) -> None:
         seen = 0
@@ -264,15 +254,6 @@ class CollectiveBackend:
             with self._lock:
                 self._groups.remove(group)
             _close_group(group)
-
-    def receive(self, spec: LoadSpec) -> Received:
-        return load(self._inbox, self._cache, spec, self._start_timeout_s, self._fetch_timeout_s)
-
-    def cancel(self, transfer_id: str) -> None:
-        self._inbox.decline(transfer_id)
-
-    def decline(self, transfer_id: str, source: str) -> None:
-        self._inbox.decline(transfer_id)
 
     def close(self) -> None:
         self._closed.set()

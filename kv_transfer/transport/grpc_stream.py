@@ -35,14 +35,14 @@ from baton.rpc import ServiceBinding, start_sync_server, sync_channel
 from baton.v1 import kv_transfer_pb2 as pb
 from baton.v1 import kv_transfer_pb2_grpc as pb_grpc
 from kv_transfer.blocks import as_bytes
-from kv_transfer.connector.metadata import LoadSpec, SaveSpec
-from kv_transfer.transport.base import KVCache, Received
+from kv_transfer.connector.metadata import SaveSpec
+from kv_transfer.transport.base import KVCache
 from kv_transfer.transport.inbox import (
     Inbox,
+    InboxBackend,
     TransferHeader,
     check_layer,
     digest,
-    load,
     payload_bytes,
 )
 from kv_transfer.transport.layer_queue import LayerQueue
@@ -194,22 +194,18 @@ class _Channels:
             self._channels.clear()
 
 
-class GrpcBackend:
+class GrpcBackend(InboxBackend):
     name = "grpc"
-    holds_source_blocks = False
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, consumer: bool = False, inbox: Inbox | None = None,
                  chunk_bytes: int = 1 << 20, fetch_timeout_ms: int = 15_000, start_timeout_ms: int = 3_000,
                  push_timeout_s: float = 60.0):
+        super().__init__(inbox, fetch_timeout_ms, start_timeout_ms)
         self._host = host
         self._port = port
         self._consumer = consumer
-        self._inbox = inbox if inbox is not None else Inbox(1 << 30, 60.0)
         self._chunk_bytes = chunk_bytes
-        self._fetch_timeout_s = fetch_timeout_ms / 1000
-        self._start_timeout_s = start_timeout_ms / 1000
         self._push_timeout_s = push_timeout_s
-        self._cache: KVCache | None = None
         self._server: grpc.Server | None = None
         self._channels = _Channels()
         # Pushes wait on layers as the forward computes them.
@@ -251,22 +247,6 @@ class GrpcBackend:
             push.drain()
             detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
             log.warning("kv push failed", transfer_id=spec.transfer_id, target=spec.kv_target, error=detail)
-
-    def hold(self, req_ids: set[str], held: bool) -> None:
-        pass
-
-    def finished_sending(self) -> set[str]:
-        return set()
-
-    # --- consumer ---------------------------------------------------------
-    def receive(self, spec: LoadSpec) -> Received:
-        return load(self._inbox, self._cache, spec, self._start_timeout_s, self._fetch_timeout_s)
-
-    def cancel(self, transfer_id: str) -> None:
-        self._inbox.decline(transfer_id)
-
-    def decline(self, transfer_id: str, source: str) -> None:
-        self._inbox.decline(transfer_id)
 
     def close(self) -> None:
         self._pushes.shutdown(wait=False, cancel_futures=True)

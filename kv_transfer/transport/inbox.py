@@ -232,3 +232,32 @@ def load(inbox: Inbox, cache: KVCache, spec: LoadSpec, start_timeout_s: float, t
         return received
     finally:
         inbox.release(spec.transfer_id, loaded)
+
+
+class InboxBackend:
+    """What the push backends share: the producer keeps nothing (its
+    layers were copied out as they ran), and the consumer loads from the
+    engine's inbox."""
+
+    holds_source_blocks = False
+
+    def __init__(self, inbox: Inbox | None, fetch_timeout_ms: int, start_timeout_ms: int):
+        self._inbox = inbox if inbox is not None else Inbox(1 << 30, 60.0)
+        self._fetch_timeout_s = fetch_timeout_ms / 1000
+        self._start_timeout_s = start_timeout_ms / 1000
+        self._cache: KVCache | None = None
+
+    def hold(self, req_ids: set[str], held: bool) -> None:
+        pass
+
+    def finished_sending(self) -> set[str]:
+        return set()
+
+    def receive(self, spec: LoadSpec) -> Received:
+        return load(self._inbox, self._cache, spec, self._start_timeout_s, self._fetch_timeout_s)
+
+    def cancel(self, transfer_id: str) -> None:
+        self._inbox.decline(transfer_id)
+
+    def decline(self, transfer_id: str, source: str) -> None:
+        self._inbox.decline(transfer_id)
