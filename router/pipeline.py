@@ -285,8 +285,8 @@ class Pipeline:
             # not when the call is garbage-collected, so the worker stops.
             call.cancel()
             if not finished:
-                # Gone before the decode worker took the KV (or while it
-                # did): free it there now rather than at its staging TTL.
+                # Gone before the decode engine loaded the KV (or while it
+                # did): free it there now rather than at its inbox TTL.
                 self._free_staged(placement, transfer_id)
 
     def _report(self, transfer_id: str, outcome: int, nbytes: int = 0, tokens: int = 0, detail: str = "") -> None:
