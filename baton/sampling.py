@@ -69,8 +69,7 @@ def for_engine(params: SamplingParams, *, max_tokens: int, stream: bool,
     if engine.extra_args:
         # A client's kv_transfer_params (vLLM copies them from the request
         # body) must never steer a worker's connector: Baton sets its own.
-        engine.extra_args = {k: v for k, v in engine.extra_args.items()
-                             if k not in ("kv_transfer_params", "ec_transfer_params")} or None
+        engine.extra_args = _steering_args(engine) or None
     if engine.structured_outputs is not None:
         # Chosen again by the worker's engine, from its own configuration.
         engine.structured_outputs._backend = None
@@ -79,6 +78,29 @@ def for_engine(params: SamplingParams, *, max_tokens: int, stream: bool,
     # when it receives the request, and an error there stops its input thread.
     engine._verify_args()
     return engine
+
+
+def continues_exactly(params: SamplingParams) -> bool:
+    """Whether a decode engine given prompt + first token goes on exactly as
+    one engine that sampled that token itself would.
+
+    Nothing of the answer may steer sampling but through the tokens: a
+    seeded generator's state, penalties over output tokens only, a grammar's
+    state, bad-word sequences, a thinking budget or a watermark all count
+    the first token as output, which the continuation sees as prompt.
+    Otherwise the decode engine samples the first token again (from the
+    transferred KV) and goes on from there: exact, one step slower."""
+    return not ((params.temperature > 0 and params.seed is not None)
+                or params.presence_penalty or params.frequency_penalty
+                or params.structured_outputs is not None or params.bad_words
+                or params.thinking_token_budget is not None or params.repetition_detection is not None
+                or params.watermarking or _steering_args(params))
+
+
+def _steering_args(params: SamplingParams) -> dict:
+    """``extra_args`` an engine's logits processors may read (the connector
+    parameters vLLM copies there are Baton's business, never an engine's)."""
+    return {k: v for k, v in (params.extra_args or {}).items() if k not in ("kv_transfer_params", "ec_transfer_params")}
 
 
 _FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}

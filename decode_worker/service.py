@@ -34,8 +34,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
             prompt.append(request.first_token_id)
         kv_params = None
         if request.transfer_id:
-            # The transfer covers the prefill prompt; the connector loads all
-            # of it but the last position, which this engine computes itself.
+            # The transfer covers the prefill prompt. After the first token
+            # the connector loads all of it; without, all but the last
+            # position, which this engine computes to sample that token.
             kv_params = ConsumerParams(request.transfer_id, len(request.prompt_token_ids), backend,
                                        request.kv_source).to_dict()
         report: LoadReport | None = None

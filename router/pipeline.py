@@ -2,18 +2,21 @@
 
 The first token comes back from the prefill worker and is yielded at once.
 The decode worker then loads the prompt's KV through the transfer the control
-plane allocated, recomputes only the prompt's last position and samples the
-answer from its first token itself, so that a seed's random stream and the
-penalties' history are those of one engine. Its first token is checked
-against the one already streamed; on a mismatch (a near tie that the two
-engines' numerics break differently) decoding restarts after the streamed
-token instead.
+plane allocated and continues after that token: its first step computes the
+second token. When the sampling keeps state about the answer (a seed's
+random stream, penalties over output tokens, a grammar), continuing would
+not be what one engine does: the decode worker then recomputes the prompt's
+last position and samples the answer from its first token itself, one step
+slower. That first token is checked against the one already streamed; on a
+mismatch (a near tie that the two engines' numerics break differently)
+decoding restarts after the streamed token instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -173,8 +176,9 @@ class Pipeline:
                 return
             self._metrics.ttft.observe(time.monotonic() - started)
             token = first.first
+            continues = sampling.continues_exactly(request.params)
             log.info("first token from prefill", token_id=token.token_ids[0], prefill=placement.prefill.worker_id,
-                     cached_tokens=first.cached_prompt_tokens)
+                     cached_tokens=first.cached_prompt_tokens, decode_continues=continues)
             if token.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED and max_tokens == 1:
                 token.finish_reason = common_pb2.FINISH_REASON_LENGTH
             yield Step(token, prompt_logprobs=list(first.prompt_logprobs))
@@ -182,17 +186,22 @@ class Pipeline:
                 return
             handed_to_decode = True
             first_id = token.token_ids[0]
+            # Continuing after the first token spares the decode engine a
+            # step (sampling it again) in the hand-off pause.
+            if continues:
+                decoding = self._decode(request, placement, pushed_id, started, outcome, after_first=first_id)
+            else:
+                decoding = self._decode(request, placement, pushed_id, started, outcome, expect_first=first_id)
             try:
-                async with contextlib.aclosing(
-                        self._decode(request, placement, pushed_id, started, outcome,
-                                     expect_first=first_id)) as steps:
+                async with contextlib.aclosing(decoding) as steps:
                     async for step in steps:
                         yield step
             except _FirstTokenMismatch:
                 self._metrics.first_token_mismatches.inc()
                 # The prompt's KV now sits in the decode worker's prefix cache.
+                resumed = dataclasses.replace(request, request_id=f"{request.request_id}-resumed")
                 async with contextlib.aclosing(
-                        self._decode(request, placement, "", started, outcome, after_first=first_id)) as steps:
+                        self._decode(resumed, placement, "", started, outcome, after_first=first_id)) as steps:
                     async for step in steps:
                         yield step
             log.info("request finished", prefill=placement.prefill.worker_id,
@@ -252,7 +261,6 @@ class Pipeline:
             params.max_tokens -= 1
             params.min_tokens = max(0, params.min_tokens - 1)
             message.first_token_id = after_first
-            message.request_id = f"{request.request_id}-resumed"
         message.sampling.CopyFrom(sampling.encode(params))
         decode = decode_pb2_grpc.DecodeWorkerStub(self._channels.get(placement.decode.address))
         ttft_pending = expect_first is None and after_first is None  # local prefill

@@ -44,9 +44,9 @@ def test_decode_loads_the_prompt_kv_from_the_transfer(stack, model_path, backend
     kv = data["kv_transfer_params"]
     assert kv["backend"] == backend
     assert kv["recomputed"] is False
-    # Every prompt position but the last, which the decode engine computes
-    # itself to sample the answer's first token.
-    assert kv["external_tokens"] == prompt_tokens - 1
+    # Greedy: the decode engine continues after prefill's first token, with
+    # every prompt position's KV from the transfer.
+    assert kv["external_tokens"] == prompt_tokens
     # Whole blocks move: ceil(prompt / block) blocks of 128 tokens (CPU) each.
     block = 128
     assert kv["bytes"] == math.ceil(prompt_tokens / block) * block * kv_bytes_per_token(model_path)

@@ -34,8 +34,8 @@ def test_greedy_output_matches_vllm_serve(stack, grpc_channel, parity_prompts, r
     for index, prompt in enumerate(parity_prompts):  # one at a time: batching changes CPU numerics
         got, messages = generate_ids(grpc_channel, prompt, PARITY_MAX_TOKENS)
         kv = messages[-1].kv
-        # The decode engine computes the prompt's last position itself.
-        assert kv.external_tokens == len(prompt) - 1 and not kv.recomputed, (
+        # Greedy: decode continues after prefill's first token with all the prompt's KV.
+        assert kv.external_tokens == len(prompt) and not kv.recomputed, (
             f"prompt {index}: KV was not loaded from the transfer: {kv}")
         expected = vllm_ids(reference, prompt, PARITY_MAX_TOKENS)
         if got != expected:

@@ -123,7 +123,7 @@ def test_greedy_at_block_boundaries(stack, reference, tokenizer, block_size, off
     body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": 24}
     baton, vllm = on_backend(stack, reference, body, backend)
     assert baton["usage"]["prompt_tokens"] == tokens
-    assert baton["kv_transfer_params"]["external_tokens"] == tokens - 1
+    assert baton["kv_transfer_params"]["external_tokens"] == tokens
     assert_same(baton, vllm)
 
 
@@ -144,6 +144,10 @@ def test_seeded_sampling(stack, reference, seed):
         baton, vllm = both(stack, reference, "/chat/completions",
                            chat(question, temperature=0.8, seed=seed, max_tokens=32))
         assert_same(baton, vllm)
+        # A seed's random stream counts the first token: decode samples it
+        # again from the transferred KV of every prompt position but the last.
+        kv = baton["kv_transfer_params"]
+        assert kv["external_tokens"] == baton["usage"]["prompt_tokens"] - 1 and not kv["recomputed"]
 
 
 def test_top_logprobs_of_greedy_requests(stack, reference):

@@ -1,8 +1,10 @@
 """The pipeline's hand-over, against in-process stand-ins for the control
-plane and the workers: prefill's first token is streamed at once, decode's
-own first token is checked and not repeated, and on a mismatch decoding
-resumes after the streamed token."""
+plane and the workers: prefill's first token is streamed at once; decode
+continues after it when that is exact, else samples it again, and its own
+first token is checked and not repeated, and on a mismatch decoding resumes
+after the streamed token."""
 
+import pytest
 from vllm import SamplingParams
 
 from baton import sampling
@@ -59,7 +61,10 @@ class FakeCluster(control_plane_pb2_grpc.ControlPlaneServicer, prefill_pb2_grpc.
                 kv=common_pb2.KVLoadStats(transfer_id=request.transfer_id, external_tokens=2) if last else None)
 
 
-async def run(decode_first: int) -> tuple[list[int], FakeCluster, Metrics]:
+SEEDED = SamplingParams(max_tokens=4, temperature=0.8, seed=3)
+
+
+async def run(decode_first: int, params: SamplingParams = SEEDED) -> tuple[list[int], FakeCluster, Metrics]:
     from baton.rpc import free_port
 
     port = free_port()
@@ -73,7 +78,7 @@ async def run(decode_first: int) -> tuple[list[int], FakeCluster, Metrics]:
     pipeline = Pipeline(cluster.address, registry=None, model_name="m", metrics=metrics, timeout_s=10)
     try:
         tokens = []
-        async for step in pipeline.generate(EngineRequest("r", PROMPT, SamplingParams(max_tokens=4))):
+        async for step in pipeline.generate(EngineRequest("r", PROMPT, params)):
             tokens.extend(step.tokens.token_ids)
         return tokens, cluster, metrics
     finally:
@@ -81,7 +86,19 @@ async def run(decode_first: int) -> tuple[list[int], FakeCluster, Metrics]:
         await server.stop(0)
 
 
-async def test_decode_samples_the_first_token_again_and_it_is_not_repeated():
+@pytest.mark.parametrize("params", [SamplingParams(max_tokens=4, temperature=0),
+                                    SamplingParams(max_tokens=4, temperature=0.8),
+                                    SamplingParams(max_tokens=4, temperature=0, repetition_penalty=1.2)])
+async def test_decode_continues_after_the_streamed_token_with_the_transferred_kv(params):
+    tokens, cluster, metrics = await run(decode_first=8, params=params)
+    assert tokens == [7, 10, 11, 12]
+    (decode,) = cluster.decodes
+    assert decode.first_token_id == 7 and decode.transfer_id == "t1" and decode.request_id == "r"
+    assert sampling.decode(decode.sampling).max_tokens == 3
+    assert metrics.first_token_mismatches._value.get() == 0
+
+
+async def test_a_seeded_decode_samples_the_first_token_again_and_it_is_not_repeated():
     tokens, cluster, metrics = await run(decode_first=7)
     assert tokens == [7, 11, 12, 13]
     (decode,) = cluster.decodes
@@ -94,6 +111,6 @@ async def test_a_first_token_mismatch_resumes_after_prefills_token():
     tokens, cluster, metrics = await run(decode_first=8)
     assert tokens == [7, 10, 11, 12], "the client's stream goes on from the token it already has"
     first, resumed = cluster.decodes
-    assert resumed.first_token_id == 7 and resumed.transfer_id == ""
+    assert resumed.first_token_id == 7 and resumed.transfer_id == "" and resumed.request_id == "r-resumed"
     assert sampling.decode(resumed.sampling).max_tokens == 3
     assert metrics.first_token_mismatches._value.get() == 1

@@ -3,7 +3,11 @@
 import pytest
 from vllm import SamplingParams
 from vllm.logprobs import Logprob
-from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+from vllm.sampling_params import (
+    RepetitionDetectionParams,
+    RequestOutputKind,
+    StructuredOutputsParams,
+)
 from vllm.v1.engine import FinishReason
 
 from baton import sampling
@@ -84,3 +88,24 @@ def test_a_clients_kv_transfer_params_never_reach_a_worker_connector():
         "ec_transfer_params": {}, "custom": 1})
     engine = sampling.for_engine(sampling.decode(sampling.encode(params)), max_tokens=5, stream=True)
     assert engine.extra_args == {"custom": 1}
+
+
+@pytest.mark.parametrize(("params", "exact"), [
+    (SamplingParams(temperature=0), True),
+    (SamplingParams(temperature=0, seed=5), True),  # greedy: the seed draws nothing
+    (SamplingParams(temperature=0.8), True),  # unseeded: any draw is as good
+    (SamplingParams(temperature=0, repetition_penalty=1.3, logit_bias={3: 2.0}, min_tokens=4), True),
+    (SamplingParams(temperature=0, extra_args={"kv_transfer_params": {"kv_backend": "grpc"}}), True),
+    (SamplingParams(temperature=0.8, seed=5), False),
+    (SamplingParams(temperature=0, presence_penalty=0.5), False),
+    (SamplingParams(temperature=0, frequency_penalty=0.5), False),
+    (SamplingParams(temperature=0, bad_words=["cat"]), False),
+    (SamplingParams(temperature=0, structured_outputs=StructuredOutputsParams(regex="[a-z]+")), False),
+    (SamplingParams(temperature=0, extra_args={"my_processor": 1}), False),
+    (SamplingParams(temperature=0, repetition_detection=RepetitionDetectionParams(max_pattern_size=4, min_count=3)),
+     False),
+    (SamplingParams(temperature=0, watermarking=False), True),
+    (SamplingParams(temperature=0, watermarking=True), False),
+])
+def test_a_continuation_after_the_first_token_is_exact_only_without_answer_state(params, exact):
+    assert sampling.continues_exactly(params) is exact
