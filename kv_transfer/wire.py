@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-WIRE_VERSION = 2
+WIRE_VERSION = 3  # 3: a prompt's last block moves only its filled slots
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1,
                "float8_e4m3fn": 1, "float8_e5m2": 1}
 

@@ -27,7 +27,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from baton.logs import ensure_logging
-from kv_transfer.connector.metadata import BatonConnectorMetadata
+from kv_transfer.connector.metadata import BatonConnectorMetadata, BatonWorkerMetadata
 from kv_transfer.connector.scheduler_side import BatonSchedulerSide
 from kv_transfer.connector.worker_side import BatonWorkerSide
 from kv_transfer.transport.base import SINGLE_RANK, ParallelRank, per_rank
@@ -96,6 +96,15 @@ def _model_signature(vllm_config: VllmConfig) -> str:
     return ";".join(parts)
 
 
+def _cpu_attention(vllm_config: VllmConfig) -> bool:
+    """Whether the engine's attention stores each head's block as all its
+    keys, then all its values: vLLM's CPU attention, which the CPU platform
+    picks for every model without MLA."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu() and not vllm_config.model_config.use_mla
+
+
 def _make_backends(options: ConnectorOptions, consumer: bool) -> dict:
     from kv_transfer.transport import check_backend
     from kv_transfer.transport.inbox import Inbox
@@ -137,12 +146,11 @@ class BatonConnector(KVConnectorBase_V1):
         self._worker_side: BatonWorkerSide | None = None
         self._options = options
         if role == KVConnectorRole.SCHEDULER:
-            block_bytes = sum(group.kv_cache_spec.page_size_bytes * len(group.layer_names)
-                              for group in kv_cache_config.kv_cache_groups)
-            self._scheduler_side = BatonSchedulerSide(block_size, block_bytes)
+            self._scheduler_side = BatonSchedulerSide(block_size)
             return
         self._worker_side = BatonWorkerSide(_model_signature(vllm_config), block_size, kv_cache_config.num_blocks,
-                                            _make_backends(options, transfer.is_kv_consumer))
+                                            _make_backends(options, transfer.is_kv_consumer),
+                                            _cpu_attention(vllm_config))
 
     @property
     def _worker(self) -> BatonWorkerSide:
@@ -191,6 +199,9 @@ class BatonConnector(KVConnectorBase_V1):
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         return self._worker.transfer_results(finished_req_ids)
+
+    def build_connector_worker_meta(self) -> BatonWorkerMetadata | None:
+        return self._worker.worker_meta()
 
     def shutdown(self) -> None:
         if self._worker_side is not None:

@@ -1,10 +1,13 @@
-"""What the scheduler side tells the worker side each step."""
+"""What the scheduler side tells the worker side each step, and back."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
 
 from kv_transfer.transport import FALLBACK_BACKEND
 
@@ -61,3 +64,18 @@ class BatonConnectorMetadata(KVConnectorMetadata):
     # Consumer: (backend, transfer id, producer endpoint) of requests that
     # ended without loading their transfer (a local prefix hit, an abort).
     declined: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+@dataclass
+class BatonWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker side → scheduler side, each step: the KV bytes each finished
+    load moved, by request (summed over the engine's ranks, which each load
+    their shard)."""
+
+    loaded_bytes: dict[str, int] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> BatonWorkerMetadata:
+        if isinstance(other, BatonWorkerMetadata):
+            for req_id, nbytes in other.loaded_bytes.items():
+                self.loaded_bytes[req_id] = self.loaded_bytes.get(req_id, 0) + nbytes
+        return self

@@ -6,7 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kv_transfer.connector.metadata import BatonConnectorMetadata, LoadSpec, RestoreSpec, SaveSpec
+from kv_transfer.connector.metadata import (
+    BatonConnectorMetadata,
+    BatonWorkerMetadata,
+    LoadSpec,
+    RestoreSpec,
+    SaveSpec,
+)
 from kv_transfer.params import ConsumerParams, LoadReport, ProducerParams, parse
 from kv_transfer.transport import PULL_BACKENDS
 from kv_transfer.wire import blocks_for_tokens
@@ -26,12 +32,12 @@ class _PendingPush:
 
 
 class BatonSchedulerSide:
-    def __init__(self, block_size: int, block_bytes: int = 0):
+    def __init__(self, block_size: int):
         self.block_size = block_size
-        self.block_bytes = block_bytes  # one block of every layer
         self._pushes: dict[str, _PendingPush] = {}  # producer requests not yet pushed
         self._loads: list[LoadSpec] = []  # consumer loads for the next step
-        self._loading: dict[str, tuple[int, int]] = {}  # req_id → (external tokens, blocks written)
+        self._loading: dict[str, int] = {}  # req_id → external tokens
+        self._loaded_bytes: dict[str, int] = {}  # req_id → bytes its load moved, as the workers reported
         self._claimed: set[str] = set()  # consumer requests whose transfer was claimed
         self._failed: set[str] = set()
         self._restores: dict[str, int] = {}  # req_id → request block to restore once loaded
@@ -73,7 +79,7 @@ class BatonSchedulerSide:
             self._loads.append(LoadSpec(request.request_id, params.transfer_id, tuple(block_ids),
                                         first_block, params.remote_tokens, keep_block, params.backend,
                                         params.source))
-            self._loading[request.request_id] = (num_external_tokens, len(block_ids) + (keep_block >= last_block))
+            self._loading[request.request_id] = num_external_tokens
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> BatonConnectorMetadata:
         meta = BatonConnectorMetadata(loads=self._loads, held=self._held, released=self._released,
@@ -119,6 +125,11 @@ class BatonSchedulerSide:
         # Only requests still loading: one aborted meanwhile is already finished.
         failed = getattr(connector_output, "failed_recving", None) or ()
         self._failed.update(req_id for req_id in failed if req_id in self._loading)
+        reported = getattr(connector_output, "kv_connector_worker_meta", None)
+        if isinstance(reported, BatonWorkerMetadata):
+            for req_id, nbytes in reported.loaded_bytes.items():
+                if req_id in self._loading:
+                    self._loaded_bytes[req_id] = self._loaded_bytes.get(req_id, 0) + nbytes
         for req_id in getattr(connector_output, "finished_recving", None) or ():
             if req_id in self._restores and req_id not in self._failed:
                 self._armed.add(req_id)
@@ -147,9 +158,9 @@ class BatonSchedulerSide:
             self._released.add(req_id)
         if not isinstance(params, ConsumerParams):
             return False, None
-        external, blocks = self._loading.pop(req_id, (0, 0))
+        external = self._loading.pop(req_id, 0)
+        nbytes = self._loaded_bytes.pop(req_id, 0)
         failed = req_id in self._failed
         self._failed.discard(req_id)
-        report = LoadReport(params.transfer_id, 0 if failed else external, failed,
-                            0 if failed else blocks * self.block_bytes)
+        report = LoadReport(params.transfer_id, 0 if failed else external, failed, 0 if failed else nbytes)
         return False, report.to_dict()

@@ -22,8 +22,8 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
 
 from baton.logs import get_logger
-from kv_transfer.blocks import scatter_blocks
-from kv_transfer.connector.metadata import BatonConnectorMetadata, LoadSpec
+from kv_transfer.blocks import write_block
+from kv_transfer.connector.metadata import BatonConnectorMetadata, BatonWorkerMetadata, LoadSpec
 from kv_transfer.transport.base import (
     SINGLE_RANK,
     KVBackend,
@@ -37,8 +37,10 @@ log = get_logger(__name__)
 
 
 class BatonWorkerSide:
-    def __init__(self, layout_signature: str, block_size: int, num_blocks: int, backends: dict[str, KVBackend]):
+    def __init__(self, layout_signature: str, block_size: int, num_blocks: int, backends: dict[str, KVBackend],
+                 cpu_attention: bool = False):
         self._signature = layout_signature
+        self._cpu_attention = cpu_attention  # the attention's block layout, see ``TokenSlots``
         self._block_size = block_size
         self._num_blocks = num_blocks
         self._backends = backends
@@ -50,6 +52,7 @@ class BatonWorkerSide:
         self._lock = threading.Lock()
         self._finished_recving: set[str] = set()
         self._failed_recving: set[str] = set()
+        self._loaded_bytes: dict[str, int] = {}  # finished loads' bytes, for the scheduler side's report
         self._kept: dict[str, dict[int, torch.Tensor]] = {}  # req_id → layer index → block, for restores
         self._in_flight: dict[str, LoadSpec] = {}  # loads that run, by req_id
         self._gone: set[str] = set()  # req_ids that finished while their load ran
@@ -61,7 +64,8 @@ class BatonWorkerSide:
 
     # --- set-up -----------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], rank: ParallelRank = SINGLE_RANK) -> None:
-        self.cache = KVCache(kv_caches, self._num_blocks, self._signature, self._block_size, rank)
+        self.cache = KVCache(kv_caches, self._num_blocks, self._signature, self._block_size, rank,
+                             self._cpu_attention)
         self._layer_index = {name: i for i, name in enumerate(self.cache.names)}
         for backend in self._backends.values():
             backend.attach(self.cache)
@@ -107,7 +111,7 @@ class BatonWorkerSide:
         index = self._layer_index[layer_name]
         block_dim = self.cache.block_dims[index]
         for block_id, kept in self._restores:
-            scatter_blocks(kv_layer, block_dim, [block_id], kept[index].unsqueeze(0))
+            write_block(kv_layer, block_dim, self.cache.slots, block_id, kept[index])
         for outbound in self._outbound.values():
             outbound.layer_saved(index, kv_layer)
 
@@ -135,6 +139,7 @@ class BatonWorkerSide:
             with self._lock:
                 if received.kept:
                     self._kept[spec.req_id] = received.kept
+                self._loaded_bytes[spec.req_id] = received.bytes
                 self._finished_recving.add(spec.req_id)
         except Exception as exc:
             log.warning("kv load failed; the prompt will be recomputed", transfer_id=spec.transfer_id,
@@ -168,6 +173,15 @@ class BatonWorkerSide:
             self._finished_recving = set()
             self._failed_recving = set()
         return results
+
+    def worker_meta(self) -> BatonWorkerMetadata | None:
+        """What this step's finished loads moved (taken after
+        ``transfer_results``, so a load reported finished is in it)."""
+        with self._lock:
+            if not self._loaded_bytes:
+                return None
+            loaded, self._loaded_bytes = self._loaded_bytes, {}
+        return BatonWorkerMetadata(loaded)
 
     def shutdown(self) -> None:
         self._load_pool.shutdown(wait=False, cancel_futures=True)

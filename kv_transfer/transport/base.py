@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from kv_transfer.blocks import block_shape, find_block_dim
+from kv_transfer.blocks import PromptBlocks, TokenSlots, block_shape, find_block_dim
 from kv_transfer.wire import KVLayout
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ class KVCache:
     and consumer share."""
 
     def __init__(self, kv_caches: dict[str, torch.Tensor], num_blocks: int, signature: str, block_size: int,
-                 rank: ParallelRank = SINGLE_RANK):
+                 rank: ParallelRank = SINGLE_RANK, cpu_attention: bool = False):
         self.names = tuple(sorted(kv_caches))
         self.layers = [kv_caches[name] for name in self.names]
         self.block_dims = [find_block_dim(t, num_blocks) for t in self.layers]
@@ -86,6 +86,12 @@ class KVCache:
         first = self.layers[0]
         self.layout = KVLayout(signature, self.names, str(first.dtype).removeprefix("torch."), block_size,
                                block_shape(first, self.block_dims[0]), rank.tp_size, rank.pp_size)
+        # cpu_attention: vLLM's CPU attention (see ``TokenSlots``).
+        self.slots = TokenSlots.of(self.layout.block_shape, block_size, cpu_attention)
+
+    def prompt(self, num_tokens: int) -> PromptBlocks:
+        """How a prompt of ``num_tokens`` lies in each layer's payload."""
+        return PromptBlocks(num_tokens, self.slots)
 
     @property
     def device(self) -> torch.device:
@@ -98,6 +104,7 @@ class Received:
 
     bytes: int  # KV bytes that crossed the wire for this request
     # layer index → the transferred block a RestoreSpec puts back, if any
+    # (only its filled slots, if the prompt ends in it)
     kept: dict[int, torch.Tensor] = field(default_factory=dict)
 
 

@@ -159,12 +159,12 @@ class CollectiveBackend(InboxBackend):
                 # Layers go out as soon as computed, without waiting for one
                 # another: the i-th layer sent carries tag i + 1.
                 order, digests, sending, sent = [], [], [], 0
-                for index, blocks in push.layers(len(cache.layers)):
-                    sending.append((group.send([blocks], 1, len(order) + 1), blocks))
+                for index, layer in push.layers(len(cache.layers)):
+                    sending.append((group.send([layer], 1, len(order) + 1), layer))
                     order.append(index)
-                    digests.append(digest(blocks))
-                    sent += blocks.numel() * blocks.element_size()
-                for work, _blocks in sending:
+                    digests.append(digest(layer))
+                    sent += layer.numel() * layer.element_size()
+                for work, _layer in sending:
                     work.wait()
                 trailer = torch.tensor([order, digests], dtype=torch.int64, device=device)
                 group.send([trailer], 1, len(order) + 1).wait()
@@ -219,15 +219,15 @@ class CollectiveBackend(InboxBackend):
                 group.recv([raw], 0, 0).wait()
                 header = TransferHeader.from_dict(json.loads(bytes(raw.cpu().numpy())))
                 tid = header.transfer_id
-                shape = (header.num_blocks, *cache.layout.block_shape)
-                refusal = self._inbox.reserve(header, payload_bytes(cache, header.num_blocks) * len(cache.layers),
+                elements = cache.prompt(header.num_tokens).elements
+                refusal = self._inbox.reserve(header, payload_bytes(cache, header.num_tokens) * len(cache.layers),
                                               self._inbox.check(cache, header))
                 group.send([torch.tensor([0 if refusal else 1], dtype=torch.int64, device=device)], 0, 0).wait()
                 if refusal:
                     log.warning("collective kv refused", transfer_id=tid, pair=key, reason=refusal)
                     continue
-                arrived = [torch.empty(shape, dtype=cache.layers[0].dtype, device=device) for _ in cache.layers]
-                receiving = [group.recv([blocks], 0, i + 1) for i, blocks in enumerate(arrived)]
+                arrived = [torch.empty(elements, dtype=cache.layers[0].dtype, device=device) for _ in cache.layers]
+                receiving = [group.recv([layer], 0, i + 1) for i, layer in enumerate(arrived)]
                 for work in receiving:
                     work.wait()
                 trailer = torch.empty((2, len(cache.layers)), dtype=torch.int64, device=device)

@@ -65,12 +65,12 @@ def _messages(push: LayerQueue, cache: KVCache, chunk_bytes: int):
     yield json.dumps(TransferHeader.of(spec.transfer_id, spec.num_tokens, len(spec.block_ids), cache).to_dict()).encode()
     pieces: list = []
     size = 0
-    for index, blocks in push.layers(len(cache.layers)):
-        payload = as_bytes(blocks)
+    for index, layer in push.layers(len(cache.layers)):
+        payload = as_bytes(layer)
         if size + _LAYER_FRAME.size > chunk_bytes:
             yield b"".join(pieces)
             pieces, size = [], 0
-        pieces.append(_LAYER_FRAME.pack(index, digest(blocks)))
+        pieces.append(_LAYER_FRAME.pack(index, digest(layer)))
         size += _LAYER_FRAME.size
         offset = 0
         while offset < len(payload):
@@ -101,7 +101,7 @@ class _Receiver:
         except (StopIteration, ValueError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a push must start with its JSON header: {exc}")
         cache = self._cache
-        layer_bytes = payload_bytes(cache, header.num_blocks)
+        layer_bytes = payload_bytes(cache, header.num_tokens)
         refusal = self._inbox.reserve(header, layer_bytes * len(cache.layers), self._inbox.check(cache, header))
         if refusal:
             log.warning("kv push refused", transfer_id=header.transfer_id, reason=refusal)
@@ -122,7 +122,6 @@ class _Receiver:
     def _receive_layers(self, frames, header: TransferHeader, layer_bytes: int):
         cache = self._cache
         count = len(cache.layers)
-        shape = (header.num_blocks, *cache.layout.block_shape)
         layers: list[torch.Tensor | None] = [None] * count
         done = 0
         index, expected, buffer, into, filled = -1, 0, None, None, 0
@@ -146,7 +145,7 @@ class _Receiver:
                 filled += take
                 position += take
                 if filled == layer_bytes:
-                    layers[index] = buffer.view(cache.layers[index].dtype).reshape(shape)
+                    layers[index] = buffer.view(cache.layers[index].dtype)
                     check_layer(index, layers[index], expected)
                     buffer = None
                     done += 1

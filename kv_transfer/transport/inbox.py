@@ -19,7 +19,6 @@ import torch
 import xxhash
 
 from baton.logs import get_logger
-from kv_transfer.blocks import scatter_blocks
 from kv_transfer.connector.metadata import LoadSpec
 from kv_transfer.transport.base import KVCache, Received
 from kv_transfer.wire import WireError, blocks_for_tokens
@@ -70,9 +69,9 @@ def check_layer(index: int, layer: torch.Tensor, expected: int) -> None:
         raise WireError(f"layer {index} failed its checksum")
 
 
-def payload_bytes(cache: KVCache, num_blocks: int) -> int:
-    """Bytes of one layer's ``num_blocks`` blocks."""
-    return num_blocks * cache.layout.block_bytes
+def payload_bytes(cache: KVCache, num_tokens: int) -> int:
+    """Bytes of one layer's payload for a prompt of ``num_tokens``."""
+    return cache.prompt(num_tokens).elements * cache.layers[0].element_size()
 
 
 @dataclass
@@ -80,7 +79,7 @@ class Inbound:
     header: TransferHeader
     nbytes: int
     created_s: float
-    layers: list[torch.Tensor] = field(default_factory=list)  # by layer index, checked
+    layers: list[torch.Tensor] = field(default_factory=list)  # flat payloads by layer index, checked
     state: str = "receiving"  # → "complete" | "failed"
     reason: str = ""
 
@@ -222,12 +221,13 @@ def load(inbox: Inbox, cache: KVCache, spec: LoadSpec, start_timeout_s: float, t
         header = item.header
         if header.num_tokens != spec.num_tokens:
             raise WireError(f"transfer covers {header.num_tokens} tokens, expected {spec.num_tokens}")
-        wanted = slice(spec.first_block, spec.first_block + len(spec.block_ids))
+        prompt = cache.prompt(header.num_tokens)
         received = Received(item.nbytes)
-        for index, blocks in enumerate(item.layers):
-            if 0 <= spec.keep_block < len(blocks):
-                received.kept[index] = blocks[spec.keep_block].clone()
-            scatter_blocks(cache.layers[index], cache.block_dims[index], list(spec.block_ids), blocks[wanted])
+        for index, payload in enumerate(item.layers):
+            if 0 <= spec.keep_block < prompt.num_blocks:
+                received.kept[index] = prompt.block(payload, spec.keep_block).clone()
+            prompt.scatter(payload, cache.layers[index], cache.block_dims[index], spec.first_block,
+                           list(spec.block_ids))
         loaded = True
         return received
     finally:

@@ -10,7 +10,6 @@ import time
 
 import torch
 
-from kv_transfer.blocks import gather_blocks
 from kv_transfer.connector.metadata import SaveSpec
 from kv_transfer.transport.base import KVCache
 from kv_transfer.wire import WireError
@@ -28,16 +27,18 @@ class LayerQueue:
         self._cache = cache
         self._device = device  # where the copies go: host memory, or the GPU for NCCL
         self._queue: queue.Queue = queue.Queue()
+        self._prompt = cache.prompt(spec.num_tokens)
 
     def layer_saved(self, index: int, kv_layer: torch.Tensor) -> None:
-        blocks = gather_blocks(kv_layer, self._cache.block_dims[index], list(self.spec.block_ids), self._device)
-        self._queue.put((index, blocks))
+        payload = self._prompt.gather(kv_layer, self._cache.block_dims[index], list(self.spec.block_ids),
+                                      self._device)
+        self._queue.put((index, payload))
 
     def step_done(self) -> None:
         self._queue.put(_END)
 
     def layers(self, expected: int):
-        """(layer index, blocks) as they come; raises, after the last one,
+        """(layer index, flat payload) as they come; raises, after the last one,
         if the step ended with layers missing (the transfer must fail)."""
         seen = 0
         while True:

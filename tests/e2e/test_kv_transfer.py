@@ -47,9 +47,12 @@ def test_decode_loads_the_prompt_kv_from_the_transfer(stack, model_path, backend
     # Greedy: the decode engine continues after prefill's first token, with
     # every prompt position's KV from the transfer.
     assert kv["external_tokens"] == prompt_tokens
-    # Whole blocks move: ceil(prompt / block) blocks of 128 tokens (CPU) each.
-    block = 128
-    assert kv["bytes"] == math.ceil(prompt_tokens / block) * block * kv_bytes_per_token(model_path)
+    # The push backends move the prompt's tokens, of its last block only the
+    # slots it fills. NIXL reads that block whole: on vLLM's CPU attention
+    # layout its filled slots are ~200 pieces a layer (see its module).
+    block = 128  # tokens a block on CPU
+    moved = math.ceil(prompt_tokens / block) * block if backend in PULL_BACKENDS else prompt_tokens
+    assert kv["bytes"] == moved * kv_bytes_per_token(model_path)
     # Loaded KV is freed: nothing stays in the decode engine's inbox once the
     # request is done; the pull backend (nixl) goes through no inbox at all.
     stats = _inbox_stats(stack)

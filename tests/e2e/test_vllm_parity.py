@@ -138,14 +138,17 @@ def test_greedy_long_prompts(stack, reference, backend):
         assert_same(baton, vllm)
 
 
+@pytest.mark.parametrize("backend", ["nixl", "collective", "grpc"])
 @pytest.mark.parametrize("seed", [11, 4242])
-def test_seeded_sampling(stack, reference, seed):
+def test_seeded_sampling(stack, reference, seed, backend):
     for question in ("Write a short poem about rain.", "Tell me a fun fact about octopuses."):
-        baton, vllm = both(stack, reference, "/chat/completions",
-                           chat(question, temperature=0.8, seed=seed, max_tokens=32))
+        baton, vllm = on_backend(stack, reference, chat(question, temperature=0.8, seed=seed, max_tokens=32),
+                                 backend)
         assert_same(baton, vllm)
         # A seed's random stream counts the first token: decode samples it
-        # again from the transferred KV of every prompt position but the last.
+        # again from the transferred KV of every prompt position but the
+        # last, which it recomputes, then restores (here, from the filled
+        # slots of a block the prompt does not fill).
         kv = baton["kv_transfer_params"]
         assert kv["external_tokens"] == baton["usage"]["prompt_tokens"] - 1 and not kv["recomputed"]
 

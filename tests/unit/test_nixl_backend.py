@@ -55,33 +55,50 @@ def wait_freed(producer, req_id: str) -> None:
     assert req_id in freed, "the producer did not free the blocks"
 
 
-def block(cache: KVCache, layer: int, block_id: int) -> torch.Tensor:
-    return cache.layers[layer].select(cache.block_dims[layer], block_id)
+def block(cache: KVCache, layer: int, block_id: int, tokens: int = BLOCK) -> torch.Tensor:
+    """A block's first ``tokens`` slots (this layout: K/V, heads, tokens, head dim)."""
+    return cache.layers[layer].select(cache.block_dims[layer], block_id)[:, :, :tokens]
+
+
+def last_slot(cache: KVCache, layer: int, block_id: int) -> torch.Tensor:
+    return cache.layers[layer].select(cache.block_dims[layer], block_id)[:, :, BLOCK - 1]
+
+
+def token_bytes(cache: KVCache) -> int:
+    """One token's KV over every layer."""
+    return sum(block(cache, layer, 0, 1).numel() * 2 for layer in range(len(cache.layers)))
 
 
 def test_blocks_land_in_the_consumers_blocks_and_the_producer_frees_them(pair):
     producer, consumer = pair
     spec = offer(producer, consumer, "t-ok", (5, 9, 2), 3 * BLOCK - 1)
     load = LoadSpec("d-ok", "t-ok", (11, 12, 13), 0, 3 * BLOCK - 1, -1, "nixl", producer.endpoint())
+    beyond = [last_slot(consumer._cache, layer, 13).clone()
+              for layer in range(3)]
     received = consumer.receive(load)
-    assert received.bytes == 3 * 3 * block(consumer._cache, 0, 0).numel() * 2
+    # Of the last block, only the slots the prompt fills move.
+    assert received.bytes == (3 * BLOCK - 1) * token_bytes(consumer._cache)
     for layer in range(3):
-        for src, dst in zip((5, 9, 2), (11, 12, 13), strict=True):
+        for src, dst in zip((5, 9), (11, 12), strict=True):
             assert torch.equal(block(producer._cache, layer, src), block(consumer._cache, layer, dst))
+        assert torch.equal(block(producer._cache, layer, 2, BLOCK - 1), block(consumer._cache, layer, 13, BLOCK - 1))
+        assert torch.equal(last_slot(consumer._cache, layer, 13), beyond[layer])
     producer.hold({spec.req_id}, True)
     wait_freed(producer, spec.req_id)
 
 
 def test_a_prefix_hit_reads_only_the_missing_blocks_and_keeps_the_restore_block(pair):
     producer, consumer = pair
-    # 2 blocks of prompt: the consumer has block 0 cached, reads block 1, and
-    # keeps block 2 (where the prompt's last position lands) aside.
+    # 2 blocks and a token of prompt: the consumer has block 0 cached, reads
+    # block 1, and keeps block 2's one token (the prompt's last position,
+    # which it recomputes and restores) aside.
     offer(producer, consumer, "t-keep", (3, 4, 6), 2 * BLOCK + 1)
     load = LoadSpec("d-keep", "t-keep", (14,), 1, 2 * BLOCK + 1, 2, "nixl", producer.endpoint())
     received = consumer.receive(load)
+    assert received.bytes == (BLOCK + 1) * token_bytes(consumer._cache)
     for layer in range(3):
         assert torch.equal(block(producer._cache, layer, 4), block(consumer._cache, layer, 14))
-        assert torch.equal(received.kept[layer], block(producer._cache, layer, 6))
+        assert torch.equal(received.kept[layer], block(producer._cache, layer, 6, 1).reshape(-1))
 
 
 def test_a_corrupted_block_is_refused(pair):

@@ -52,7 +52,8 @@ class Engine:
         self.ranks = []
         for tp_rank in range(TP):
             side = BatonWorkerSide("test-model", BLOCK, NUM_BLOCKS,
-                                   {kind: make_backend(kind, f"{name}-{seed}-r{tp_rank}", consumer)})
+                                   {kind: make_backend(kind, f"{name}-{seed}-r{tp_rank}", consumer)},
+                                   cpu_attention=True)
             side.register_kv_caches(shard(seed * 10 + tp_rank), ParallelRank(tp_rank, TP))
             self.ranks.append(side)
 
@@ -102,8 +103,9 @@ def run_load(consumer: Engine, spec: LoadSpec) -> list[bool]:
     return outcome
 
 
-def block(side: BatonWorkerSide, layer: int, block_id: int) -> torch.Tensor:
-    return side.cache.layers[layer][block_id]
+def block(side: BatonWorkerSide, layer: int, block_id: int, tokens: int = BLOCK) -> torch.Tensor:
+    """A block's first ``tokens`` slots, flat (CPU attention layout)."""
+    return side.cache.slots.copy_first(side.cache.layers[layer][block_id], tokens)
 
 
 def test_each_rank_moves_its_own_shard(engines):
@@ -115,10 +117,11 @@ def test_each_rank_moves_its_own_shard(engines):
     assert outcome == [True, True]
     for rank in range(TP):
         for layer in range(LAYERS):
-            for src, dst in ((2, 6), (5, 1)):
-                got = block(consumer.ranks[rank], layer, dst)
-                assert torch.equal(got, block(producer.ranks[rank], layer, src))
-                assert not torch.equal(got, block(producer.ranks[1 - rank], layer, src))
+            # The prompt fills block 5 but its last slot: that slot stays.
+            for src, dst, tokens in ((2, 6, BLOCK), (5, 1, BLOCK - 1)):
+                got = block(consumer.ranks[rank], layer, dst, tokens)
+                assert torch.equal(got, block(producer.ranks[rank], layer, src, tokens))
+                assert not torch.equal(got, block(producer.ranks[1 - rank], layer, src, tokens))
 
 
 def test_a_shard_sent_to_the_wrong_rank_is_refused(engines):

@@ -70,17 +70,29 @@ def push(producer, consumer, transfer_id: str, blocks: tuple[int, ...], tokens: 
     outbound.step_done()
 
 
-def block(cache: KVCache, layer: int, block_id: int) -> torch.Tensor:
-    return cache.layers[layer].select(cache.block_dims[layer], block_id)
+def block(cache: KVCache, layer: int, block_id: int, tokens: int = BLOCK) -> torch.Tensor:
+    """A block's first ``tokens`` slots (this layout: K/V, heads, tokens, head dim)."""
+    return cache.layers[layer].select(cache.block_dims[layer], block_id)[:, :, :tokens]
+
+
+def last_slot(cache: KVCache, layer: int, block_id: int) -> torch.Tensor:
+    return cache.layers[layer].select(cache.block_dims[layer], block_id)[:, :, BLOCK - 1]
 
 
 def test_blocks_land_in_the_consumers_blocks(producer, consumer):
     push(producer, consumer, "t-ok", (5, 9, 2), 3 * BLOCK - 1)
+    beyond = [last_slot(consumer._cache, layer, 13).clone()
+              for layer in range(LAYERS)]
     received = consumer.receive(LoadSpec("d-ok", "t-ok", (11, 12, 13), 0, 3 * BLOCK - 1, 2, consumer.name))
+    # Of the last block, only the slots the prompt fills moved.
+    token_bytes = sum(block(consumer._cache, layer, 0, 1).numel() * 2 for layer in range(LAYERS))
+    assert received.bytes == (3 * BLOCK - 1) * token_bytes
     for layer in range(LAYERS):
-        for src, dst in zip((5, 9, 2), (11, 12, 13), strict=True):
+        for src, dst in zip((5, 9), (11, 12), strict=True):
             assert torch.equal(block(producer._cache, layer, src), block(consumer._cache, layer, dst))
-        assert torch.equal(received.kept[layer], block(producer._cache, layer, 2))
+        assert torch.equal(block(producer._cache, layer, 2, BLOCK - 1), block(consumer._cache, layer, 13, BLOCK - 1))
+        assert torch.equal(last_slot(consumer._cache, layer, 13), beyond[layer])
+        assert torch.equal(received.kept[layer], block(producer._cache, layer, 2, BLOCK - 1).reshape(-1))
     assert consumer._inbox.bytes == 0, "loaded KV is freed"
 
 

@@ -4,6 +4,7 @@ vLLM's request and scheduler-output objects."""
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+from kv_transfer.connector.metadata import BatonWorkerMetadata
 from kv_transfer.connector.scheduler_side import BatonSchedulerSide
 from kv_transfer.params import ConsumerParams, LoadReport, ProducerParams, parse
 
@@ -165,17 +166,32 @@ def test_a_push_producer_frees_its_blocks_at_once():
     assert meta.held == set() and meta.released == set()
 
 
-def test_the_load_report_counts_the_bytes_of_every_block_written():
-    side = BatonSchedulerSide(block_size=4, block_bytes=1000)
-    # 9 remote tokens of a 10-token prompt: blocks 0-1 loaded, and block 2
-    # (where the recomputed last position lands) restored from the transfer.
+def test_the_load_report_counts_the_bytes_the_workers_loaded():
+    side = BatonSchedulerSide(block_size=4)
+    # 9 remote tokens of a 10-token prompt: blocks 0-2 loaded, and block 2
+    # (where the recomputed last position lands) kept for its restore.
     req = FakeRequest("r", 10, ConsumerParams("t1", remote_tokens=10, backend="nixl", source="p").to_dict())
     assert side.get_num_new_matched_tokens(req, 0) == (9, True)
     side.update_state_after_alloc(req, FakeBlocks([3, 4, 5]), 9)
     (load,) = side.build_connector_meta(output()).loads
     assert (load.block_ids, load.keep_block, load.backend, load.source) == ((3, 4, 5), 2, "nixl", "p")
+    # Two ranks, each loading its shard, report in the step the load ends.
+    moved = BatonWorkerMetadata({"r": 1200}).aggregate(BatonWorkerMetadata({"r": 1200, "gone": 5}))
+    side.update_connector_output(SimpleNamespace(finished_recving={"r"}, failed_recving=set(),
+                                                 kv_connector_worker_meta=moved))
     _, params = side.request_finished(req, [3, 4, 5])
-    assert parse(params).bytes == 3000
+    assert parse(params).bytes == 2400 and parse(params).external_tokens == 9
+    # Continuing after the first token: all 10 prompt tokens loaded, no restore.
+    req = FakeRequest("c", 11, ConsumerParams("t3", remote_tokens=10, backend="grpc").to_dict())
+    assert side.get_num_new_matched_tokens(req, 0) == (10, True)
+    side.update_state_after_alloc(req, FakeBlocks([1, 2, 3]), 10)
+    (load,) = side.build_connector_meta(output()).loads
+    assert (load.block_ids, load.keep_block) == ((1, 2, 3), -1)
+    # A failed load reports no bytes, whatever arrived.
+    side.update_connector_output(SimpleNamespace(finished_recving={"c"}, failed_recving={"c"},
+                                                 kv_connector_worker_meta=BatonWorkerMetadata({"c": 99})))
+    report = parse(side.request_finished(req, [1, 2, 3])[1])
+    assert report.failed and report.bytes == 0
 
 
 def test_a_pull_consumer_that_never_loads_declines_the_offer():
