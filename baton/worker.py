@@ -66,7 +66,7 @@ async def run_worker(
                            "agent_name": f"{worker_id}-{uuid.uuid4().hex[:8]}",
                            "offer_ttl_s": settings.staging_ttl_s,
                            "kv_host": settings.advertise_host or settings.host,
-                           "inbox_capacity_bytes": settings.staging_capacity_mib << 20},
+                           "staging_capacity_bytes": settings.staging_capacity_mib << 20},
         max_model_len=settings.max_model_len,
         enforce_eager=settings.enforce_eager,
         cpu_cores=settings.cpu_cores,

@@ -52,7 +52,9 @@ class ConnectorOptions:
     # consumer, push backends: drop received KV nobody loaded after this
     kv_host: str = "127.0.0.1"  # consumer, push backends: the address peers reach this engine at
     kv_port: int = 0  # consumer, grpc: port of this engine's KV server (0: any free port)
-    inbox_capacity_bytes: int = 1 << 30  # consumer, push backends: bound on received, unloaded KV
+    # Push backends: bound on KV on its way in host memory, received and not
+    # yet loaded (consumer) or copied out and not yet sent (producer).
+    staging_capacity_bytes: int = 1 << 30
     chunk_bytes: int = 1 << 20  # producer, grpc: bytes per wire message
 
     @classmethod
@@ -108,10 +110,13 @@ def _cpu_attention(vllm_config: VllmConfig) -> bool:
 def _make_backends(options: ConnectorOptions, consumer: bool) -> dict:
     from kv_transfer.transport import check_backend
     from kv_transfer.transport.inbox import Inbox
+    from kv_transfer.transport.layer_queue import CopyBudget
 
-    # One bound for what the push backends received and the engine has not
-    # loaded yet, whichever backend brought it.
-    inbox = Inbox(options.inbox_capacity_bytes, options.offer_ttl_s)
+    # One bound each for what the push backends received and the engine has
+    # not loaded yet, and for what they copied out and have not sent yet,
+    # whichever backend holds it.
+    inbox = Inbox(options.staging_capacity_bytes, options.offer_ttl_s)
+    copies = CopyBudget(options.staging_capacity_bytes)
     backends = {}
     for name in options.backends:
         check_backend(name)
@@ -119,12 +124,13 @@ def _make_backends(options: ConnectorOptions, consumer: bool) -> dict:
             from kv_transfer.transport.grpc_stream import GrpcBackend
 
             backends[name] = GrpcBackend(options.kv_host, options.kv_port, consumer, inbox, options.chunk_bytes,
-                                         options.fetch_timeout_ms, options.push_start_timeout_ms)
+                                         options.fetch_timeout_ms, options.push_start_timeout_ms, copies=copies)
         elif name == "collective":
             from kv_transfer.transport.collective import CollectiveBackend
 
             backends[name] = CollectiveBackend(options.agent_name or "engine", options.kv_host, consumer,
-                                               options.fetch_timeout_ms, options.push_start_timeout_ms, inbox)
+                                               options.fetch_timeout_ms, options.push_start_timeout_ms, inbox,
+                                               copies)
         elif name == "nixl":
             from kv_transfer.transport.nixl import NixlBackend
 

@@ -40,7 +40,7 @@ from kv_transfer.transport.inbox import (
     digest,
     payload_bytes,
 )
-from kv_transfer.transport.layer_queue import LayerQueue
+from kv_transfer.transport.layer_queue import CopyBudget, LayerQueue
 from kv_transfer.wire import WireError
 
 log = get_logger(__name__)
@@ -74,8 +74,8 @@ class CollectiveBackend(InboxBackend):
     name = "collective"
 
     def __init__(self, name: str, host: str, consumer: bool, fetch_timeout_ms: int = 15_000,
-                 start_timeout_ms: int = 3_000, inbox: Inbox | None = None):
-        super().__init__(inbox, fetch_timeout_ms, start_timeout_ms)
+                 start_timeout_ms: int = 3_000, inbox: Inbox | None = None, copies: CopyBudget | None = None):
+        super().__init__(inbox, fetch_timeout_ms, start_timeout_ms, copies)
         self._name = name
         self._host = host
         self._consumer = consumer
@@ -106,7 +106,7 @@ class CollectiveBackend(InboxBackend):
 
     # --- producer ---------------------------------------------------------
     def send(self, spec: SaveSpec) -> LayerQueue:
-        push = LayerQueue(spec, self._cache, self._cache.device)
+        push = LayerQueue(spec, self._cache, self._cache.device, self._copies)
         self._pushes.submit(self._run_push, push)
         return push
 
@@ -152,7 +152,6 @@ class CollectiveBackend(InboxBackend):
                 answer = torch.zeros(1, dtype=torch.int64, device=device)
                 group.recv([answer], 1, 0).wait()
                 if not int(answer.item()):
-                    push.drain()
                     log.warning("collective kv refused by the consumer", transfer_id=spec.transfer_id,
                                 target=spec.kv_target)
                     return
@@ -173,11 +172,12 @@ class CollectiveBackend(InboxBackend):
             except Exception as exc:
                 # A pair broken mid-transfer cannot be trusted for the next:
                 # rebuilt on the next send; the consumer recomputes this one.
-                push.drain()
                 if group is not None:
                     self._teardown(spec.kv_target, group, exc)
                 else:
                     log.warning("collective pair could not be built", target=spec.kv_target, error=str(exc))
+            finally:
+                push.finish()
 
     # --- consumer ---------------------------------------------------------
     def _accept_pairs(self) -> None:

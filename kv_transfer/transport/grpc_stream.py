@@ -45,7 +45,7 @@ from kv_transfer.transport.inbox import (
     digest,
     payload_bytes,
 )
-from kv_transfer.transport.layer_queue import LayerQueue
+from kv_transfer.transport.layer_queue import CopyBudget, LayerQueue
 from kv_transfer.wire import WireError
 
 log = get_logger(__name__)
@@ -198,8 +198,8 @@ class GrpcBackend(InboxBackend):
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, consumer: bool = False, inbox: Inbox | None = None,
                  chunk_bytes: int = 1 << 20, fetch_timeout_ms: int = 15_000, start_timeout_ms: int = 3_000,
-                 push_timeout_s: float = 60.0):
-        super().__init__(inbox, fetch_timeout_ms, start_timeout_ms)
+                 push_timeout_s: float = 60.0, copies: CopyBudget | None = None):
+        super().__init__(inbox, fetch_timeout_ms, start_timeout_ms, copies)
         self._host = host
         self._port = port
         self._consumer = consumer
@@ -230,7 +230,7 @@ class GrpcBackend(InboxBackend):
 
     # --- producer ---------------------------------------------------------
     def send(self, spec: SaveSpec) -> LayerQueue:
-        push = LayerQueue(spec, self._cache, "cpu")
+        push = LayerQueue(spec, self._cache, "cpu", self._copies)
         self._pushes.submit(self._run_push, push)
         return push
 
@@ -243,9 +243,10 @@ class GrpcBackend(InboxBackend):
             log.info("kv pushed", transfer_id=spec.transfer_id, bytes=ack.bytes, target=spec.kv_target,
                      backend=self.name, ms=round((time.monotonic() - push.started_s) * 1000, 1))
         except Exception as exc:  # the consumer recomputes; its inbox already knows
-            push.drain()
             detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
             log.warning("kv push failed", transfer_id=spec.transfer_id, target=spec.kv_target, error=detail)
+        finally:
+            push.finish()
 
     def close(self) -> None:
         self._pushes.shutdown(wait=False, cancel_futures=True)

@@ -21,6 +21,7 @@ import xxhash
 from baton.logs import get_logger
 from kv_transfer.connector.metadata import LoadSpec
 from kv_transfer.transport.base import KVCache, Received
+from kv_transfer.transport.layer_queue import CopyBudget
 from kv_transfer.wire import WireError, blocks_for_tokens
 
 log = get_logger(__name__)
@@ -241,8 +242,10 @@ class InboxBackend:
 
     holds_source_blocks = False
 
-    def __init__(self, inbox: Inbox | None, fetch_timeout_ms: int, start_timeout_ms: int):
+    def __init__(self, inbox: Inbox | None, fetch_timeout_ms: int, start_timeout_ms: int,
+                 copies: CopyBudget | None = None):
         self._inbox = inbox if inbox is not None else Inbox(1 << 30, 60.0)
+        self._copies = copies if copies is not None else CopyBudget(1 << 30)  # producer: layer copies in flight
         self._fetch_timeout_s = fetch_timeout_ms / 1000
         self._start_timeout_s = start_timeout_ms / 1000
         self._cache: KVCache | None = None

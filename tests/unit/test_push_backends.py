@@ -17,6 +17,7 @@ from kv_transfer.transport.base import KVCache
 from kv_transfer.transport.collective import CollectiveBackend
 from kv_transfer.transport.grpc_stream import GrpcBackend
 from kv_transfer.transport.inbox import Inbox, TransferUnavailable
+from kv_transfer.transport.layer_queue import CopyBudget, CopyBudgetExceeded
 
 BLOCK = 4
 NUM_BLOCKS = 16
@@ -30,13 +31,13 @@ def make_cache(seed: int, model: str = "test-model") -> KVCache:
     return KVCache(layers, NUM_BLOCKS, model, BLOCK)
 
 
-def make_backend(kind: str, name: str, consumer: bool):
+def make_backend(kind: str, name: str, consumer: bool, copies: CopyBudget | None = None):
     if kind == "collective":
         return CollectiveBackend(name, "127.0.0.1", consumer=consumer, fetch_timeout_ms=10_000,
-                                 start_timeout_ms=500, inbox=Inbox(1 << 20, 30))
+                                 start_timeout_ms=500, inbox=Inbox(1 << 20, 30), copies=copies)
     # Small chunks: a layer takes several messages.
     return GrpcBackend("127.0.0.1", 0, consumer, Inbox(1 << 20, 30), chunk_bytes=1000, fetch_timeout_ms=10_000,
-                       start_timeout_ms=500)
+                       start_timeout_ms=500, copies=copies)
 
 
 @pytest.fixture(scope="module", params=["collective", "grpc"])
@@ -149,6 +150,30 @@ def test_a_producer_of_another_model_is_refused_before_any_byte_moves(kind, prod
     push(producer, consumer, "t-known", (2,), BLOCK)
     consumer.receive(LoadSpec("d-known", "t-known", (5,), 0, BLOCK, -1, consumer.name))
     assert torch.equal(block(producer._cache, 1, 2), block(consumer._cache, 1, 5))
+
+
+def test_layer_copies_past_their_bound_open_no_transfer(kind, consumer):
+    # Room for one 2-block transfer of 3 layers (2 x 384 B a layer) in flight, not two.
+    budget = CopyBudget(3000)
+    small = make_backend(kind, "test-small-producer", consumer=False, copies=budget)
+    small.attach(make_cache(5))
+    try:
+        first = small.send(SaveSpec("req-b1", "t-b1", consumer.endpoint(), (0, 1), 2 * BLOCK, "", kind))
+        with pytest.raises(CopyBudgetExceeded, match="STAGING_CAPACITY_MIB"):
+            small.send(SaveSpec("req-b2", "t-b2", consumer.endpoint(), (2, 3), 2 * BLOCK, "", kind))
+        for index, layer in enumerate(small._cache.layers):
+            first.layer_saved(index, layer)
+        first.step_done()
+        consumer.receive(LoadSpec("d-b1", "t-b1", (6, 7), 0, 2 * BLOCK, -1, consumer.name))
+        deadline = time.monotonic() + 10
+        while budget.bytes:  # given back once the push is over
+            assert time.monotonic() < deadline, "the copies' bytes never came back"
+            time.sleep(0.01)
+        push(small, consumer, "t-b3", (2, 3), 2 * BLOCK)
+        consumer.receive(LoadSpec("d-b3", "t-b3", (8, 9), 0, 2 * BLOCK, -1, consumer.name))
+        assert torch.equal(block(small._cache, 0, 3), block(consumer._cache, 0, 9))
+    finally:
+        small.close()
 
 
 def _doomed_producer(kind: str, endpoint: str) -> None:
