@@ -25,6 +25,7 @@ _COMMON_FLAGS: list[tuple[str, str, type, str]] = [
 ]
 _WORKER_FLAGS: list[tuple[str, str, type, str]] = [
     ("--worker-id", "worker_id", str, "registry id (default: generated)"),
+    ("--labels", "labels", str, "labels requests can require, e.g. region=eu,zone=a"),
     ("--grpc-port", "grpc_port", int, "gRPC port (0: any free port)"),
     ("--kv-port", "kv_port", int, "decode: port of the engine's grpc KV server (0: any free port)"),
     ("--cpu-cores", "cpu_cores", str, "CPU build: cores to pin the engine to, e.g. 0 or 0-1"),

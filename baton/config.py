@@ -40,6 +40,8 @@ class Settings:
     """Port of a worker's or the control plane's gRPC server; 0 picks a free one."""
     kv_port: int = 0
     """Decode worker: port of the KVTransfer endpoint; 0 picks a free one."""
+    labels: str = ""
+    """Worker: labels placement can require, "key=value,key=value" (e.g. "region=eu")."""
     lease_ttl_s: int = 5
     """Registry lease; a worker that stops refreshing vanishes after this."""
     cpu_cores: str = ""

@@ -157,9 +157,9 @@ class LocalStack:
 def run_up(args: argparse.Namespace, settings: Settings) -> int:
     if args.prefill < 1 or args.decode < 1:
         raise ValueError("--prefill and --decode must be at least 1")
-    from control_plane.policy import make_policy
+    from control_plane.scheduling import make_scheduler
 
-    make_policy(settings.policy)  # a bad --policy fails here, before anything starts
+    make_scheduler(settings.policy)  # a bad --policy fails here, before anything starts
     resolve_model(settings.model)  # convert the default model once, before any service needs it
     log_dir = Path(args.log_dir) if args.log_dir else default_cache_dir() / "runs" / time.strftime("%Y%m%d-%H%M%S")
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,18 @@ class WorkerRecord:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
+def parse_labels(text: str) -> dict[str, str]:
+    """``"region=eu, zone=a"`` → ``{"region": "eu", "zone": "a"}``; raises
+    ValueError on anything else."""
+    labels: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"label {item!r} is not key=value")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
 def workers_prefix(prefix: str) -> str:
     return prefix.rstrip("/") + "/workers/"
 

@@ -16,7 +16,7 @@ from baton.config import Settings, advertised
 from baton.engine import Engine, EngineOptions
 from baton.logs import get_logger, setup_logging
 from baton.model_store import resolve_model
-from baton.registry import Registration, WorkerRecord
+from baton.registry import Registration, WorkerRecord, parse_labels
 from baton.rpc import ServiceBinding, start_server
 from baton.telemetry import setup_tracing
 from kv_transfer.connector import read_endpoints
@@ -47,6 +47,7 @@ async def run_worker(
     """Start the engine, serve, register; on SIGINT/SIGTERM leave the
     registry first (no new work arrives), then stop serving and the engine."""
     worker_id = settings.worker_id or f"{role}-{uuid.uuid4().hex[:8]}"
+    labels = parse_labels(settings.labels)  # a bad one fails before the engine starts
     setup_logging(f"{role}-worker", settings.log_level)
     setup_tracing(f"{role}-worker")
     # Both block for long (model conversion, ~45 s engine start): keep the
@@ -80,7 +81,8 @@ async def run_worker(
     # A consumer engine hosts KVTransfer (its inbox) at its grpc endpoint.
     kv_address = kv_endpoints.get("grpc", "")
     record = WorkerRecord(worker_id=worker_id, role=role, address=advertised(settings, port),
-                          model=name, kv_address=kv_address, kv_endpoints=kv_endpoints)
+                          model=name, kv_address=kv_address, kv_endpoints=kv_endpoints,
+                          labels=labels)
     registration = Registration(settings.etcd_endpoint, settings.etcd_prefix, record, settings.lease_ttl_s)
     await registration.start()
     log.info("worker serving", worker_id=worker_id, address=record.address, kv_address=kv_address,

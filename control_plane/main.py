@@ -12,7 +12,7 @@ from baton.rpc import ServiceBinding, start_server
 from baton.telemetry import setup_tracing
 from baton.v1 import control_plane_pb2_grpc
 from baton.worker import wait_for_signal
-from control_plane.policy import make_policy
+from control_plane.scheduling import make_scheduler
 from control_plane.service import SERVICE_NAME, ControlPlaneServicer
 from control_plane.transfers import TransferTable
 
@@ -22,10 +22,10 @@ log = get_logger(__name__)
 async def serve(settings: Settings) -> None:
     setup_logging("control-plane", settings.log_level)
     setup_tracing("control-plane")
-    policies = {role: make_policy(settings.policy) for role in ROLES}
+    schedulers = {role: make_scheduler(settings.policy) for role in ROLES}
     registry = RegistryWatcher(settings.etcd_endpoint, settings.etcd_prefix)
     await registry.start()
-    servicer = ControlPlaneServicer(registry, policies, TransferTable(settings.transfer_ttl_s), settings.kv_backend)
+    servicer = ControlPlaneServicer(registry, schedulers, TransferTable(settings.transfer_ttl_s), settings.kv_backend)
     port = int(settings.control_plane_address.rpartition(":")[2])
     server, bound, _ = await start_server(
         "control-plane",

@@ -1,5 +1,5 @@
 """``ControlPlane`` servicer: thin I/O shell over the registry view, the
-placement policy and the transfer table."""
+scheduling pipeline and the transfer table."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from baton.logs import bind_request, get_logger
 from baton.registry import RegistryWatcher, WorkerRecord
 from baton.v1 import common_pb2, control_plane_pb2, control_plane_pb2_grpc
 from control_plane.kv_backend import choose_backend
-from control_plane.policy import Candidate, PlacementPolicy
+from control_plane.scheduling import Candidate, NoWorker, Scheduler, SchedulingRequest
 from control_plane.transfers import TransferState, TransferTable
 from kv_transfer.transport import BACKENDS, FALLBACK_BACKEND
 
@@ -28,23 +28,25 @@ _OUTCOME = {
 
 
 class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
-    def __init__(self, registry: RegistryWatcher, policies: dict[str, PlacementPolicy],
+    def __init__(self, registry: RegistryWatcher, schedulers: dict[str, Scheduler],
                  transfers: TransferTable, kv_backend: str = FALLBACK_BACKEND):
-        """``policies`` maps role → policy; one instance per role so that
-        round-robin state of one pool never skews the other. ``kv_backend``:
+        """``schedulers`` maps role → pipeline; one instance per role so that
+        the rotation state of one pool never skews the other. ``kv_backend``:
         the deployment's transfer backend."""
         self._registry = registry
-        self._policies = policies
+        self._schedulers = schedulers
         self._transfers = transfers
         self._kv_backend = kv_backend
 
-    def _pick(self, role: str, model: str) -> WorkerRecord | None:
-        pool = [w for w in self._registry.by_role(role) if not model or w.model == model]
-        if not pool:
-            return None
-        by_id = {w.worker_id: w for w in pool}
-        choice = self._policies[role].pick([Candidate(w.worker_id, self._transfers.in_flight(w.worker_id)) for w in pool])
-        return by_id[choice.worker_id]
+    def _pick(self, role: str, request: SchedulingRequest) -> WorkerRecord:
+        """Raises ``NoWorker`` (its message names the role's pool)."""
+        pool = {w.worker_id: w for w in self._registry.by_role(role)}
+        candidates = [Candidate(w.worker_id, w.model, w.labels, self._transfers.in_flight(w.worker_id))
+                      for w in pool.values()]
+        try:
+            return pool[self._schedulers[role].pick(request, candidates).worker_id]
+        except NoWorker as exc:
+            raise NoWorker(f"{role}: {exc}", exc.client_error) from None
 
     async def Schedule(self, request: control_plane_pb2.ScheduleRequest, context: grpc.aio.ServicerContext):
         bind_request(request.request_id)
@@ -52,13 +54,16 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
         if wanted not in BACKENDS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"unknown KV backend {wanted!r}; choose from {', '.join(BACKENDS)}")
-        decode = self._pick("decode", request.model)
-        prefill = self._pick("prefill", request.model)
-        if decode is None or prefill is None:
-            missing = "decode" if decode is None else "prefill"
-            # Not UNAVAILABLE: that would mean the control plane itself is down.
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"no live {missing} worker serves model {request.model!r}")
+        wanted_request = SchedulingRequest(request.model, request.prompt_tokens, dict(request.required_labels))
+        try:
+            decode = self._pick("decode", wanted_request)
+            prefill = self._pick("prefill", wanted_request)
+        except NoWorker as exc:
+            # A constraint nothing can meet is the client's; no worker at all
+            # is capacity (not UNAVAILABLE: that would mean the control
+            # plane itself is down).
+            code = grpc.StatusCode.FAILED_PRECONDITION if exc.client_error else grpc.StatusCode.RESOURCE_EXHAUSTED
+            await context.abort(code, str(exc))
         backend = choose_backend(wanted, prefill, decode)
         transfer = self._transfers.open(request.request_id, prefill.worker_id, decode.worker_id, time.monotonic(),
                                         backend, fallback=backend != wanted)

@@ -21,6 +21,7 @@ from baton import sampling
 from baton.errors import BatonError
 from baton.logs import bind_request, get_logger
 from baton.v1 import common_pb2
+from router import constraints
 from router.pipeline import EngineRequest, Pipeline, Step
 
 if TYPE_CHECKING:
@@ -111,7 +112,8 @@ class ClusterEngineCore:
 
     async def add_request_async(self, request: EngineCoreRequest) -> None:
         engine_request = EngineRequest(request.request_id, list(request.prompt_token_ids),
-                                       request.sampling_params, requested_kv_backend(request.sampling_params))
+                                       request.sampling_params, requested_kv_backend(request.sampling_params),
+                                       constraints.required_labels())
         task = asyncio.create_task(self._run(engine_request), name=f"request-{request.request_id}")
         self._running[request.request_id] = task
         task.add_done_callback(lambda _t: self._running.pop(request.request_id, None))

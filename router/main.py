@@ -24,6 +24,7 @@ async def serve(settings: Settings) -> None:
     setup_tracing("router")
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 
+    from router.constraints import RequireLabels
     from router.engine_client import BatonEngineClient, frontend_args
     from router.engine_core import ClusterEngineCore
     from router.grpc_api import SERVICE_NAME, InferenceServicer
@@ -47,7 +48,7 @@ async def serve(settings: Settings) -> None:
         [ServiceBinding(SERVICE_NAME, inference_pb2_grpc.add_InferenceServicer_to_server,
                         InferenceServicer(engine, name))],
         settings.host, settings.router_grpc_port)
-    http = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.http_port,
+    http = uvicorn.Server(uvicorn.Config(RequireLabels(app), host=settings.host, port=settings.http_port,
                                          log_level="warning", access_log=False, lifespan="off"))
     http.install_signal_handlers = lambda: None  # we own SIGINT/SIGTERM
     http_task = asyncio.create_task(http.serve(), name="http")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from baton import sampling
-from baton.errors import NoCapacityError, RetryableError, from_rpc_error
+from baton.errors import ClientError, NoCapacityError, RetryableError, from_rpc_error
 from baton.logs import get_logger
 from baton.registry import RegistryWatcher
 from baton.rpc import channel
@@ -42,6 +42,7 @@ from baton.v1 import (
     prefill_pb2,
     prefill_pb2_grpc,
 )
+from control_plane.scheduling import Candidate, NoWorker, SchedulingRequest, make_scheduler
 from kv_transfer.transport import FALLBACK_BACKEND, PULL_BACKENDS
 from router.metrics import Metrics
 
@@ -69,6 +70,7 @@ class EngineRequest:
     prompt_token_ids: list[int]
     params: SamplingParams  # max_tokens resolved
     kv_backend: str = ""  # asked for by the client; empty: the deployment's default
+    required_labels: dict[str, str] = field(default_factory=dict)  # only workers carrying them may serve it
 
 
 class _FirstTokenMismatch(Exception):
@@ -102,7 +104,9 @@ class Pipeline:
         self._model_name = model_name
         self._metrics = metrics
         self._timeout_s = timeout_s
-        self._fallback_turn = 0
+        # Without the control plane, the same pipeline places requests
+        # over the router's own registry view (no load figures: rotation).
+        self._fallback = {role: make_scheduler("round-robin") for role in ("prefill", "decode")}
         self._background: set[asyncio.Task] = set()
 
     async def close(self) -> None:
@@ -113,12 +117,13 @@ class Pipeline:
             return await self._control_plane.Schedule(
                 control_plane_pb2.ScheduleRequest(request_id=request.request_id, model=self._model_name,
                                                   prompt_tokens=len(request.prompt_token_ids),
-                                                  kv_backend=request.kv_backend), timeout=5)
+                                                  kv_backend=request.kv_backend,
+                                                  required_labels=request.required_labels), timeout=5)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:  # reachable, but it said no
                 raise from_rpc_error(exc, "control plane") from exc
             log.warning("control plane unreachable; placing locally", error=exc.details())
-            return self._fallback_placement()
+            return self._fallback_placement(request)
 
     async def _schedule_shielded(self, request: EngineRequest) -> control_plane_pb2.Placement:
         """Schedule; if the client leaves meanwhile, the placement may still
@@ -138,14 +143,19 @@ class Pipeline:
             scheduling.add_done_callback(self._background.discard)
             raise
 
-    def _fallback_placement(self) -> control_plane_pb2.Placement:
-        """Round-robin over the router's own registry view."""
-        prefills, decodes = self._registry.by_role("prefill"), self._registry.by_role("decode")
-        if not prefills or not decodes:
-            raise NoCapacityError("control plane unreachable and no prefill/decode pair registered")
-        turn = self._fallback_turn
-        self._fallback_turn += 1
-        p, d = prefills[turn % len(prefills)], decodes[turn % len(decodes)]
+    def _fallback_placement(self, request: EngineRequest) -> control_plane_pb2.Placement:
+        wanted = SchedulingRequest(self._model_name, len(request.prompt_token_ids), request.required_labels)
+        chosen = {}
+        for role, scheduler in self._fallback.items():
+            pool = {w.worker_id: w for w in self._registry.by_role(role)}
+            try:
+                pick = scheduler.pick(wanted, [Candidate(w.worker_id, w.model, w.labels) for w in pool.values()])
+            except NoWorker as exc:
+                if exc.client_error:
+                    raise ClientError(f"{role}: {exc}") from None
+                raise NoCapacityError(f"control plane unreachable and no {role} worker: {exc}") from None
+            chosen[role] = pool[pick.worker_id]
+        p, d = chosen["prefill"], chosen["decode"]
         return control_plane_pb2.Placement(
             prefill=control_plane_pb2.WorkerEndpoint(worker_id=p.worker_id, address=p.address),
             decode=control_plane_pb2.WorkerEndpoint(worker_id=d.worker_id, address=d.address,

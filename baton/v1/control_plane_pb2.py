@@ -25,33 +25,37 @@ _sym_db = _symbol_database.Default()
 from baton.v1 import common_pb2 as baton_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62\x61ton/v1/control_plane.proto\x12\x08\x62\x61ton.v1\x1a\x15\x62\x61ton/v1/common.proto\"_\n\x0fScheduleRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x12\n\nkv_backend\x18\x04 \x01(\t\"]\n\x0eWorkerEndpoint\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\nkv_address\x18\x03 \x01(\t\x12\x13\n\x0bkv_endpoint\x18\x04 \x01(\t\"\x8f\x01\n\tPlacement\x12)\n\x07prefill\x18\x01 \x01(\x0b\x32\x18.baton.v1.WorkerEndpoint\x12(\n\x06\x64\x65\x63ode\x18\x02 \x01(\x0b\x32\x18.baton.v1.WorkerEndpoint\x12\x13\n\x0btransfer_id\x18\x03 \x01(\t\x12\x12\n\nkv_backend\x18\x05 \x01(\tJ\x04\x08\x04\x10\x05\"\x80\x01\n\x0eTransferReport\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12*\n\x07outcome\x18\x02 \x01(\x0e\x32\x19.baton.v1.TransferOutcome\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x0e\n\x06tokens\x18\x04 \x01(\r\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"\"\n\x11TransferReportAck\x12\r\n\x05state\x18\x01 \x01(\t\"\x14\n\x12ListWorkersRequest\"\x85\x02\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\"\n\x04role\x18\x02 \x01(\x0e\x32\x14.baton.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\nkv_address\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x11\n\tin_flight\x18\x07 \x01(\r\x12\x17\n\x0ftransfers_total\x18\x08 \x01(\x04\x12\x1a\n\x12transfers_consumed\x18\t \x01(\x04\x12\x18\n\x10transfers_failed\x18\n \x01(\x04\x12\x19\n\x11transfers_expired\x18\x0b \x01(\x04\"\x9b\x01\n\x0fKVBackendStatus\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0e\n\x06placed\x18\x02 \x01(\x04\x12\x10\n\x08\x63onsumed\x18\x03 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x04\x12\x12\n\nrecomputed\x18\x05 \x01(\x04\x12\x0f\n\x07\x65xpired\x18\x06 \x01(\x04\x12\r\n\x05\x62ytes\x18\x07 \x01(\x04\x12\x11\n\tfallbacks\x18\x08 \x01(\x04\"n\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.baton.v1.WorkerStatus\x12.\n\x0bkv_backends\x18\x02 \x03(\x0b\x32\x19.baton.v1.KVBackendStatus*\x90\x01\n\x0fTransferOutcome\x12 \n\x1cTRANSFER_OUTCOME_UNSPECIFIED\x10\x00\x12\x1d\n\x19TRANSFER_OUTCOME_CONSUMED\x10\x01\x12\x1b\n\x17TRANSFER_OUTCOME_FAILED\x10\x02\x12\x1f\n\x1bTRANSFER_OUTCOME_RECOMPUTED\x10\x03\x32\xdf\x01\n\x0c\x43ontrolPlane\x12:\n\x08Schedule\x12\x19.baton.v1.ScheduleRequest\x1a\x13.baton.v1.Placement\x12G\n\x0eReportTransfer\x12\x18.baton.v1.TransferReport\x1a\x1b.baton.v1.TransferReportAck\x12J\n\x0bListWorkers\x12\x1c.baton.v1.ListWorkersRequest\x1a\x1d.baton.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62\x61ton/v1/control_plane.proto\x12\x08\x62\x61ton.v1\x1a\x15\x62\x61ton/v1/common.proto\"\xde\x01\n\x0fScheduleRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x12\n\nkv_backend\x18\x04 \x01(\t\x12\x46\n\x0frequired_labels\x18\x05 \x03(\x0b\x32-.baton.v1.ScheduleRequest.RequiredLabelsEntry\x1a\x35\n\x13RequiredLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"]\n\x0eWorkerEndpoint\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\nkv_address\x18\x03 \x01(\t\x12\x13\n\x0bkv_endpoint\x18\x04 \x01(\t\"\x8f\x01\n\tPlacement\x12)\n\x07prefill\x18\x01 \x01(\x0b\x32\x18.baton.v1.WorkerEndpoint\x12(\n\x06\x64\x65\x63ode\x18\x02 \x01(\x0b\x32\x18.baton.v1.WorkerEndpoint\x12\x13\n\x0btransfer_id\x18\x03 \x01(\t\x12\x12\n\nkv_backend\x18\x05 \x01(\tJ\x04\x08\x04\x10\x05\"\x80\x01\n\x0eTransferReport\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12*\n\x07outcome\x18\x02 \x01(\x0e\x32\x19.baton.v1.TransferOutcome\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x0e\n\x06tokens\x18\x04 \x01(\r\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"\"\n\x11TransferReportAck\x12\r\n\x05state\x18\x01 \x01(\t\"\x14\n\x12ListWorkersRequest\"\x85\x02\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\"\n\x04role\x18\x02 \x01(\x0e\x32\x14.baton.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x12\n\nkv_address\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x11\n\tin_flight\x18\x07 \x01(\r\x12\x17\n\x0ftransfers_total\x18\x08 \x01(\x04\x12\x1a\n\x12transfers_consumed\x18\t \x01(\x04\x12\x18\n\x10transfers_failed\x18\n \x01(\x04\x12\x19\n\x11transfers_expired\x18\x0b \x01(\x04\"\x9b\x01\n\x0fKVBackendStatus\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0e\n\x06placed\x18\x02 \x01(\x04\x12\x10\n\x08\x63onsumed\x18\x03 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x04\x12\x12\n\nrecomputed\x18\x05 \x01(\x04\x12\x0f\n\x07\x65xpired\x18\x06 \x01(\x04\x12\r\n\x05\x62ytes\x18\x07 \x01(\x04\x12\x11\n\tfallbacks\x18\x08 \x01(\x04\"n\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.baton.v1.WorkerStatus\x12.\n\x0bkv_backends\x18\x02 \x03(\x0b\x32\x19.baton.v1.KVBackendStatus*\x90\x01\n\x0fTransferOutcome\x12 \n\x1cTRANSFER_OUTCOME_UNSPECIFIED\x10\x00\x12\x1d\n\x19TRANSFER_OUTCOME_CONSUMED\x10\x01\x12\x1b\n\x17TRANSFER_OUTCOME_FAILED\x10\x02\x12\x1f\n\x1bTRANSFER_OUTCOME_RECOMPUTED\x10\x03\x32\xdf\x01\n\x0c\x43ontrolPlane\x12:\n\x08Schedule\x12\x19.baton.v1.ScheduleRequest\x1a\x13.baton.v1.Placement\x12G\n\x0eReportTransfer\x12\x18.baton.v1.TransferReport\x1a\x1b.baton.v1.TransferReportAck\x12J\n\x0bListWorkers\x12\x1c.baton.v1.ListWorkersRequest\x1a\x1d.baton.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.v1.control_plane_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRANSFEROUTCOME']._serialized_start=1127
-  _globals['_TRANSFEROUTCOME']._serialized_end=1271
-  _globals['_SCHEDULEREQUEST']._serialized_start=65
-  _globals['_SCHEDULEREQUEST']._serialized_end=160
-  _globals['_WORKERENDPOINT']._serialized_start=162
-  _globals['_WORKERENDPOINT']._serialized_end=255
-  _globals['_PLACEMENT']._serialized_start=258
-  _globals['_PLACEMENT']._serialized_end=401
-  _globals['_TRANSFERREPORT']._serialized_start=404
-  _globals['_TRANSFERREPORT']._serialized_end=532
-  _globals['_TRANSFERREPORTACK']._serialized_start=534
-  _globals['_TRANSFERREPORTACK']._serialized_end=568
-  _globals['_LISTWORKERSREQUEST']._serialized_start=570
-  _globals['_LISTWORKERSREQUEST']._serialized_end=590
-  _globals['_WORKERSTATUS']._serialized_start=593
-  _globals['_WORKERSTATUS']._serialized_end=854
-  _globals['_KVBACKENDSTATUS']._serialized_start=857
-  _globals['_KVBACKENDSTATUS']._serialized_end=1012
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1014
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1124
-  _globals['_CONTROLPLANE']._serialized_start=1274
-  _globals['_CONTROLPLANE']._serialized_end=1497
+  _globals['_SCHEDULEREQUEST_REQUIREDLABELSENTRY']._loaded_options = None
+  _globals['_SCHEDULEREQUEST_REQUIREDLABELSENTRY']._serialized_options = b'8\001'
+  _globals['_TRANSFEROUTCOME']._serialized_start=1255
+  _globals['_TRANSFEROUTCOME']._serialized_end=1399
+  _globals['_SCHEDULEREQUEST']._serialized_start=66
+  _globals['_SCHEDULEREQUEST']._serialized_end=288
+  _globals['_SCHEDULEREQUEST_REQUIREDLABELSENTRY']._serialized_start=235
+  _globals['_SCHEDULEREQUEST_REQUIREDLABELSENTRY']._serialized_end=288
+  _globals['_WORKERENDPOINT']._serialized_start=290
+  _globals['_WORKERENDPOINT']._serialized_end=383
+  _globals['_PLACEMENT']._serialized_start=386
+  _globals['_PLACEMENT']._serialized_end=529
+  _globals['_TRANSFERREPORT']._serialized_start=532
+  _globals['_TRANSFERREPORT']._serialized_end=660
+  _globals['_TRANSFERREPORTACK']._serialized_start=662
+  _globals['_TRANSFERREPORTACK']._serialized_end=696
+  _globals['_LISTWORKERSREQUEST']._serialized_start=698
+  _globals['_LISTWORKERSREQUEST']._serialized_end=718
+  _globals['_WORKERSTATUS']._serialized_start=721
+  _globals['_WORKERSTATUS']._serialized_end=982
+  _globals['_KVBACKENDSTATUS']._serialized_start=985
+  _globals['_KVBACKENDSTATUS']._serialized_end=1140
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1142
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1252
+  _globals['_CONTROLPLANE']._serialized_start=1402
+  _globals['_CONTROLPLANE']._serialized_end=1625
 # @@protoc_insertion_point(module_scope)

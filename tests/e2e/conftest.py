@@ -152,12 +152,16 @@ def _read_until(proc: subprocess.Popen, marker: str, timeout_s: float) -> list[s
     return lines
 
 
+WORKER_LABELS = "region=eu,tier=test"  # what every worker of the shared stack carries
+
+
 @pytest.fixture(scope="session")
 def stack(etcd, model_path, vllm_serve, tmp_path_factory) -> Stack:
     log_dir = tmp_path_factory.mktemp("stack-logs")
     http_port, grpc_port, cp_port = free_port(), free_port(), free_port()
     env = {**os.environ, "BATON_KV_FETCH_TIMEOUT_MS": str(KV_FETCH_TIMEOUT_MS),
-           "BATON_KV_PUSH_START_TIMEOUT_MS": str(KV_PUSH_START_TIMEOUT_MS)}
+           "BATON_KV_PUSH_START_TIMEOUT_MS": str(KV_PUSH_START_TIMEOUT_MS),
+           "BATON_LABELS": WORKER_LABELS}
     proc = subprocess.Popen(
         baton_command("up", "--etcd", etcd.endpoint, "--http-port", str(http_port),
                       "--router-grpc-port", str(grpc_port), "--control-plane", f"127.0.0.1:{cp_port}",

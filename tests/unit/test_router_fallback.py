@@ -3,7 +3,7 @@ round-robin over its own registry view."""
 
 import pytest
 
-from baton.errors import NoCapacityError
+from baton.errors import ClientError, NoCapacityError
 from baton.registry import WorkerRecord
 from router.metrics import Metrics
 from router.pipeline import EngineRequest, Pipeline
@@ -17,8 +17,9 @@ class FakeRegistry:
         return sorted((w for w in self.workers.values() if w.role == role), key=lambda w: w.worker_id)
 
 
-def worker(worker_id, role):
-    return WorkerRecord(worker_id, role, f"{worker_id}:1", "m", kv_address=f"{worker_id}:2" if role == "decode" else "")
+def worker(worker_id, role, **labels):
+    return WorkerRecord(worker_id, role, f"{worker_id}:1", "m", kv_address=f"{worker_id}:2" if role == "decode" else "",
+                        labels=labels)
 
 
 async def test_fallback_when_the_control_plane_is_down():
@@ -46,3 +47,19 @@ async def test_no_fallback_without_workers():
         await pipeline.close()
 
 
+
+
+async def test_the_fallback_keeps_to_the_required_labels():
+    from baton.rpc import free_port
+
+    registry = FakeRegistry([worker("p0", "prefill", region="eu"), worker("p1", "prefill", region="us"),
+                             worker("d0", "decode", region="us"), worker("d1", "decode", region="eu")])
+    pipeline = Pipeline(f"127.0.0.1:{free_port()}", registry, "m", Metrics(), timeout_s=5)
+    try:
+        for _ in range(3):
+            placed = await pipeline._schedule(EngineRequest("r", [1, 2], None, required_labels={"region": "eu"}))
+            assert (placed.prefill.worker_id, placed.decode.worker_id) == ("p0", "d1")
+        with pytest.raises(ClientError, match="region=mars"):
+            await pipeline._schedule(EngineRequest("r", [1], None, required_labels={"region": "mars"}))
+    finally:
+        await pipeline.close()

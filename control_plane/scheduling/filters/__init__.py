@@ -1,0 +1,1 @@
+"""Filters: which workers may take a request at all."""

@@ -1,0 +1,1 @@
+"""Pickers: the one worker, given the scores."""

@@ -1,0 +1,1 @@
+"""Scorers: how well each remaining worker suits a request, in [0, 1]."""

@@ -1,0 +1,71 @@
+"""Placement constraints a request carries: the labels a worker must have
+to serve it (data residency: ``x-baton-require: region=eu`` on HTTP, a
+field on gRPC). They travel from the API layer to the pipeline with the
+request's task, in a context variable, because vLLM's frontend sits between
+the two and knows nothing of them."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+
+from baton.registry import parse_labels
+
+REQUIRE_HEADER = "x-baton-require"
+
+_required: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("baton_required_labels",
+                                                                                  default=None)
+
+
+def require(labels: dict[str, str]) -> contextvars.Token:
+    return _required.set(dict(labels))
+
+
+def release(token: contextvars.Token) -> None:
+    _required.reset(token)
+
+
+def required_labels() -> dict[str, str]:
+    """The labels the request being handled requires (none: any worker)."""
+    return dict(_required.get() or {})
+
+
+def parse_header(value: str) -> dict[str, str]:
+    """Raises ValueError with a message for the client."""
+    try:
+        return parse_labels(value)
+    except ValueError as exc:
+        raise ValueError(f"{REQUIRE_HEADER}: {exc}; expected key=value[,key=value]") from None
+
+
+class RequireLabels:
+    """ASGI middleware around the HTTP app: the request's ``x-baton-require``
+    holds for everything its handling does, streaming included; a malformed
+    one gets vLLM's 400 error body before anything runs."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        header = None
+        if scope["type"] == "http":
+            for name, value in scope.get("headers", ()):
+                if name.decode("latin-1").lower() == REQUIRE_HEADER:
+                    header = value.decode("latin-1")
+        if header is None:
+            return await self.app(scope, receive, send)
+        try:
+            labels = parse_header(header)
+        except ValueError as exc:
+            body = json.dumps({"error": {"message": str(exc), "type": "BadRequestError",
+                                         "param": REQUIRE_HEADER, "code": 400}}).encode()
+            await send({"type": "http.response.start", "status": 400,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        token = require(labels)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            release(token)
