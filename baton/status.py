@@ -32,7 +32,7 @@ async def collect_status(settings: Settings) -> dict:
     rows = []
     for w in sorted(workers, key=lambda w: (w.role, w.worker_id)):
         row = {"worker_id": w.worker_id, "role": w.role, "address": w.address, "kv_address": w.kv_address,
-               "model": w.model, "state": w.state}
+               "model": w.model, "state": w.state, "labels": dict(w.labels)}
         c = counters.get(w.worker_id)
         row["transfers"] = None if not reachable else {
             "in_flight": c.in_flight if c else 0, "total": c.transfers_total if c else 0,
@@ -49,13 +49,15 @@ def render_table(status: dict) -> str:
     rows = status["workers"]
     if not rows:
         return "no workers registered"
-    lines = [f"{'WORKER':<20} {'ROLE':<8} {'ADDRESS':<22} {'STATE':<6} {'MODEL':<24} TRANSFERS"]
+    lines = [f"{'WORKER':<20} {'ROLE':<8} {'ADDRESS':<22} {'STATE':<6} {'MODEL':<24} {'LABELS':<20} TRANSFERS"]
     for r in rows:
         t = r["transfers"]
         counts = "control plane unreachable" if t is None else (
             f"total={t['total']} consumed={t['consumed']} failed={t['failed']} "
             f"expired={t['expired']} in_flight={t['in_flight']}")
-        lines.append(f"{r['worker_id']:<20} {r['role']:<8} {r['address']:<22} {r['state']:<6} {r['model']:<24} {counts}")
+        labels = ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items())) or "-"
+        lines.append(f"{r['worker_id']:<20} {r['role']:<8} {r['address']:<22} {r['state']:<6} {r['model']:<24} "
+                     f"{labels:<20} {counts}")
     if status["kv_backends"]:
         lines += ["", f"{'KV BACKEND':<12} " + " ".join(f"{field.upper():>11}" for field in _BACKEND_FIELDS)]
         for name, counts in status["kv_backends"].items():

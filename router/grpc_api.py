@@ -13,6 +13,7 @@ import grpc
 from baton import sampling
 from baton.logs import bind_request
 from baton.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from router import constraints
 from router.engine_client import BatonEngineClient
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -113,6 +114,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     f"tokens. However, you requested {params.max_tokens} output tokens and your prompt "
                     f"contains {len(prompt_ids)} input tokens.")
             produced: dict[int, int] = {}
+            # This RPC's task is its own: the requirement ends with it.
+            constraints.require(dict(request.required_labels))
             outputs = self._engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id)
             async with contextlib.aclosing(outputs):
                 async for output in outputs:

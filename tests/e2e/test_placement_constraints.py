@@ -5,9 +5,12 @@ stack keeps serving. Every worker of the shared stack carries
 
 import asyncio
 
+import grpc
 import httpx
+import pytest
 
 from baton.registry import list_workers, parse_labels
+from baton.v1 import inference_pb2, inference_pb2_grpc
 from tests.e2e.conftest import WORKER_LABELS
 
 
@@ -19,8 +22,9 @@ def ask(stack, require: str | None) -> httpx.Response:
 
 
 def test_workers_register_their_labels(stack):
-    workers = asyncio.run(list_workers(stack.etcd_endpoint, "/baton/v1"))
-    assert workers and all(w.labels == parse_labels(WORKER_LABELS) for w in workers)
+    workers = {w.worker_id: w for w in asyncio.run(list_workers(stack.etcd_endpoint, "/baton/v1"))}
+    for worker_id in ("prefill-0", "decode-0"):
+        assert workers[worker_id].labels == parse_labels(WORKER_LABELS) == {"region": "eu", "tier": "test"}
 
 
 def test_a_request_is_served_inside_its_required_labels(stack):
@@ -46,3 +50,19 @@ def test_a_malformed_requirement_is_refused_before_anything_runs(stack):
     error = response.json()["error"]
     assert error["param"] == "x-baton-require" and "key=value" in error["message"]
     assert ask(stack, None).status_code == 200
+
+
+def test_the_grpc_api_carries_the_requirement_too(stack, grpc_channel):
+    stub = inference_pb2_grpc.InferenceStub(grpc_channel)
+
+    def generate(**labels):
+        request = inference_pb2.GenerateRequest(
+            model=stack.model_name, prompt="The capital of France is", required_labels=labels,
+            sampling=inference_pb2.SamplingParams(max_tokens=3, temperature=0.0))
+        return [m for m in stub.Generate(request, timeout=120)]
+
+    assert "".join(m.text for m in generate(region="eu"))
+    with pytest.raises(grpc.RpcError) as refused:
+        generate(region="us")
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "region=us" in refused.value.details()
+    assert generate()

@@ -12,8 +12,8 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from baton.registry import list_workers
-from tests.e2e.conftest import REPO, baton_command, wait_for
+from baton.registry import list_workers, parse_labels
+from tests.e2e.conftest import REPO, WORKER_LABELS, baton_command, wait_for
 
 
 def workers(stack) -> dict[str, object]:
@@ -45,6 +45,7 @@ def test_status_lists_the_workers_with_counters(stack):
     for worker_id, role in (("prefill-0", "prefill"), ("decode-0", "decode")):
         row = rows[worker_id]
         assert row["role"] == role and row["state"] == "ready" and row["model"] == stack.model_name
+        assert row["labels"] == parse_labels(WORKER_LABELS)
         assert row["address"].startswith("127.0.0.1:")
         assert row["transfers"]["consumed"] >= 1
     assert rows["decode-0"]["kv_address"].startswith("127.0.0.1:")
