@@ -1,8 +1,10 @@
-"""Serving benchmark: Baton (1 prefill + 1 decode worker, one core each)
-against one plain vLLM OpenAI server on the same machine (the baseline),
-same load, same run, each measured by two clients: vLLM's own `vllm bench
-serve` (run as a module: the CPU build's console script is broken) and
-Baton's own client below, which must agree with it.
+"""Serving benchmark: three systems on the same machine, same load, same run:
+one plain vLLM OpenAI server (the baseline), Baton (1 prefill + 1 decode
+worker, one core each) and vLLM's own prefill/decode disaggregation (a
+prefill and a decode `vllm serve`, one core each, NixlConnector between
+them, behind bench/vllm_pd_proxy.py). Each is measured by two clients:
+vLLM's own `vllm bench serve` (run as a module: the CPU build's console
+script is broken) and Baton's own client below, which must agree with it.
 
     python -m bench.serve [--requests 24] [--rate 2] [--input-len 512] [--output-tokens 64]
 
@@ -11,8 +13,9 @@ hits), streaming chat completions with `ignore_eos`, Poisson arrivals. Both
 clients send the same prompts (Baton's client marks each at its start, so
 neither finds the other's in the prefix cache) on the same arrival schedule
 (vLLM's own, from the same seed). Reports TTFT, time per output token (TPOT)
-and output throughput, Baton's ratio to vLLM, and how far the two clients'
-TTFTs are apart. Writes bench/results/serve.json and .png.
+and output throughput, Baton's and vLLM P/D's ratios to vLLM (and Baton's
+to vLLM P/D), and how far the two clients' TTFTs are apart. Writes
+bench/results/serve.json and .png.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 import httpx
 
 from baton.model_store import DEFAULT_MODEL_NAME, ensure_default_model
-from bench.servers import baton_up, vllm_serve
+from bench.servers import baton_up, vllm_pd, vllm_serve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 7
@@ -153,6 +156,18 @@ def bench_vllm(args, prompts, log_dir: Path) -> dict:
         return measure(args, prompts, base, log_dir / "vllm")
 
 
+def bench_vllm_pd(args, prompts, log_dir: Path) -> dict:
+    with vllm_pd(log_dir / "vllm_pd") as base:
+        return measure(args, prompts, base, log_dir / "vllm_pd")
+
+
+RATIO_KEYS = ("ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s", "output_tokens_per_s")
+
+
+def ratios(system: dict, reference: dict) -> dict:
+    return {k: system[k] / reference[k] for k in RATIO_KEYS}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=24)
@@ -164,25 +179,33 @@ def main() -> None:
     log_dir = RESULTS / "serve-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     vllm = bench_vllm(args, prompts, log_dir)
-    print("vLLM (baseline):", json.dumps(vllm), flush=True)
+    print("vLLM (baseline) :", json.dumps(vllm), flush=True)
     baton = bench_baton(args, prompts, log_dir)
-    print("Baton          :", json.dumps(baton), flush=True)
-    ratios = {k: baton[k] / vllm[k] for k in ("ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s",
-                                              "output_tokens_per_s")}
-    print("Baton / vLLM   :", json.dumps({k: round(v, 2) for k, v in ratios.items()}), flush=True)
-    for name, run in (("vLLM", vllm), ("Baton", baton)):
+    print("Baton           :", json.dumps(baton), flush=True)
+    vllm_pd = bench_vllm_pd(args, prompts, log_dir)
+    print("vLLM P/D        :", json.dumps(vllm_pd), flush=True)
+    compared = {"baton_over_vllm": ratios(baton, vllm), "vllm_pd_over_vllm": ratios(vllm_pd, vllm),
+                "baton_over_vllm_pd": ratios(baton, vllm_pd)}
+    for label, key in (("Baton / vLLM    :", "baton_over_vllm"), ("vLLM P/D / vLLM :", "vllm_pd_over_vllm"),
+                       ("Baton / vLLM P/D:", "baton_over_vllm_pd")):
+        print(label, json.dumps({k: round(v, 2) for k, v in compared[key].items()}), flush=True)
+    for name, run in (("vLLM", vllm), ("Baton", baton), ("vLLM P/D", vllm_pd)):
         print(f"{name}: TTFT p50 Baton's client {run['ttft_p50_s']:.3f} s, vllm bench serve "
               f"{run['vllm_bench_serve']['ttft_p50_s']:.3f} s (ratio {run['ttft_p50_clients_ratio']:.2f})")
     result = {"benchmark": "serve", "command": "make bench-serve", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "load": {**vars(args), "dataset": "vllm random", "seed": SEED},
-              "baseline": "one vLLM OpenAI server (both cores)", "vllm": vllm,
-              "baton": baton, "baton_over_vllm": ratios}
+              "baseline": "one vLLM OpenAI server (both cores)", "vllm": vllm, "baton": baton,
+              "vllm_pd_setup": "vLLM prefill + decode server, one core each, NixlConnector (UCX, CPU KV cache), "
+                               "bench/vllm_pd_proxy.py in front",
+              "vllm_pd": vllm_pd, **compared}
     (RESULTS / "serve.json").write_text(json.dumps(result, indent=2) + "\n")
-    _plot(vllm, baton, RESULTS / "serve.png")
+    _plot({"vLLM": vllm, "Baton": baton, "vLLM P/D": vllm_pd}, RESULTS / "serve.png")
     print(f"wrote {RESULTS / 'serve.json'} and serve.png")
 
 
-def _plot(vllm: dict, baton: dict, path: Path) -> None:
+def _plot(systems: dict[str, dict], path: Path) -> None:
+    """One bar per system for each metric, then each system's TTFT p50 as
+    both clients measured it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,19 +213,22 @@ def _plot(vllm: dict, baton: dict, path: Path) -> None:
 
     metrics = [("ttft_p50_s", "TTFT p50 (s)"), ("ttft_p90_s", "TTFT p90 (s)"), ("tpot_p50_s", "TPOT p50 (s)"),
                ("output_tokens_per_s", "output tok/s")]
-    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(15, 3.5))
+    names = list(systems)
+    colors = ["#888888", "#1f77b4", "#2ca02c"][: len(names)]
+    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(17, 3.5))
     for ax, (key, label) in zip(axes, metrics, strict=False):
-        ax.bar(["vLLM", "Baton"], [vllm[key], baton[key]], color=["#888888", "#1f77b4"])
+        ax.bar(names, [run[key] for run in systems.values()], color=colors)
         ax.set_title(label)
     clients = axes[-1]
-    xs = range(2)
-    clients.bar([x - 0.2 for x in xs], [vllm["ttft_p50_s"], baton["ttft_p50_s"]], 0.4, label="Baton's client")
-    clients.bar([x + 0.2 for x in xs], [vllm["vllm_bench_serve"]["ttft_p50_s"],
-                                        baton["vllm_bench_serve"]["ttft_p50_s"]], 0.4, label="vllm bench serve")
-    clients.set_xticks(list(xs), ["vLLM", "Baton"])
+    xs = range(len(names))
+    clients.bar([x - 0.2 for x in xs], [run["ttft_p50_s"] for run in systems.values()], 0.4,
+                label="Baton's client")
+    clients.bar([x + 0.2 for x in xs], [run["vllm_bench_serve"]["ttft_p50_s"] for run in systems.values()], 0.4,
+                label="vllm bench serve")
+    clients.set_xticks(list(xs), names)
     clients.set_title("TTFT p50 (s) by client")
     clients.legend(fontsize=7)
-    fig.suptitle("Baton (1P+1D) vs one vLLM engine, same load")
+    fig.suptitle("vLLM, Baton (1P+1D) and vLLM P/D (1P+1D, NIXL), same load")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
