@@ -41,8 +41,7 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
     def _pick(self, role: str, request: SchedulingRequest) -> WorkerRecord:
         """Raises ``NoWorker`` (its message names the role's pool)."""
         pool = {w.worker_id: w for w in self._registry.by_role(role)}
-        candidates = [Candidate(w.worker_id, w.model, w.labels, self._transfers.in_flight(w.worker_id))
-                      for w in pool.values()]
+        candidates = [Candidate.of(w, self._transfers.in_flight(w.worker_id)) for w in pool.values()]
         try:
             return pool[self._schedulers[role].pick(request, candidates).worker_id]
         except NoWorker as exc:

@@ -149,7 +149,7 @@ class Pipeline:
         for role, scheduler in self._fallback.items():
             pool = {w.worker_id: w for w in self._registry.by_role(role)}
             try:
-                pick = scheduler.pick(wanted, [Candidate(w.worker_id, w.model, w.labels) for w in pool.values()])
+                pick = scheduler.pick(wanted, [Candidate.of(w) for w in pool.values()])
             except NoWorker as exc:
                 if exc.client_error:
                     raise ClientError(f"{role}: {exc}") from None

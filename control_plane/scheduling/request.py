@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from baton.registry import WorkerRecord
+
 
 @dataclass(frozen=True)
 class SchedulingRequest:
@@ -18,3 +20,7 @@ class Candidate:
     model: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     in_flight: int = 0  # placements handed out and not yet reported back
+
+    @classmethod
+    def of(cls, worker: WorkerRecord, in_flight: int = 0) -> Candidate:
+        return cls(worker.worker_id, worker.model, dict(worker.labels), in_flight)
