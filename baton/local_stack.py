@@ -187,7 +187,7 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
               f"etcd: {stack.etcd_endpoint}   control plane: {stack.control_plane}\n"
               f"baton: try  curl {base}/chat/completions -H 'Content-Type: application/json' "
               f"-d '{{\"model\": \"{_model_name(settings)}\", \"messages\": "
-              f"[{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'\n"
+              f"[{{\"role\": \"user\", \"content\": \"Name the capital of France.\"}}]}}'\n"
               f"baton: `baton status --etcd {stack.etcd_endpoint} --control-plane {stack.control_plane}` "
               f"lists the workers. Ctrl-C stops everything.", flush=True)
         while True:

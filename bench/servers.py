@@ -118,7 +118,8 @@ def _ports_outside_ephemeral_range(count: int) -> list[int]:
 def vllm_pd(log_dir: Path, max_model_len: int = 2048, kv_cache_gib: int = 1) -> Iterator[str]:
     """vLLM's own prefill/decode disaggregation: a prefill and a decode
     `vllm serve`, NixlConnector between them, one core each (as Baton's two
-    workers, and as much KV cache each), behind bench/vllm_pd_proxy.py;
+    workers, with as much KV cache each and the same short busy poll of
+    their queues), behind bench/vllm_pd_proxy.py;
     yields the proxy's base URL once a real answer comes back through it."""
     cores = sorted(os.sched_getaffinity(0))
     side_channel_ports = _ports_outside_ephemeral_range(2)

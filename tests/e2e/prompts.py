@@ -1,5 +1,12 @@
 """Fixed prompts for parity: short chats and long (> 600 tokens) documents."""
 
+# A question whose greedy answer ("The capital of France is Paris.") is
+# clear on every CPU we have seen: to "What is the capital of France?" the
+# model's first token is a near tie ("L" -1.83, "The" -1.96 on an AMX CPU,
+# the other way round elsewhere), so on some machines vLLM itself answers
+# "L'Étoile, ...". Tests that check what the answer says ask this one.
+CAPITAL_QUESTION = "Name the capital of France."
+
 SHORT_QUESTIONS = [
     "What is the capital of France?",
     "Name three primary colors.",

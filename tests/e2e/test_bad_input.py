@@ -6,6 +6,7 @@ import httpx
 import pytest
 
 from baton.v1 import inference_pb2, inference_pb2_grpc
+from tests.e2e.prompts import CAPITAL_QUESTION
 
 MODEL = "SmolLM2-135M-Instruct"
 CHAT = [{"role": "user", "content": "Hi"}]
@@ -75,7 +76,7 @@ def test_unknown_fields_are_ignored_as_with_vllm(stack, reference):
 def test_still_serving_after_bad_input(stack):
     response = httpx.post(f"{stack.http_base}/chat/completions", timeout=120, json={
         "model": MODEL, "max_tokens": 16, "temperature": 0,
-        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        "messages": [{"role": "user", "content": CAPITAL_QUESTION}]})
     assert response.status_code == 200
     assert "Paris" in response.json()["choices"][0]["message"]["content"]
 

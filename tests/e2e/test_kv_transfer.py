@@ -15,7 +15,7 @@ from baton import sampling
 from baton.v1 import decode_pb2, decode_pb2_grpc
 from kv_transfer.transport import PULL_BACKENDS
 from tests.e2e.conftest import KV_FETCH_TIMEOUT_MS, chat_ids
-from tests.e2e.prompts import long_document
+from tests.e2e.prompts import CAPITAL_QUESTION, long_document
 
 
 def kv_bytes_per_token(model_path) -> int:
@@ -159,7 +159,7 @@ def test_a_killed_peer_takes_down_only_its_own_collective_pair(stack):
 def test_kv_that_never_arrives_is_recomputed_correctly(stack, tokenizer, grpc_channel, backend):
     from tests.e2e.test_parity import generate_ids
 
-    prompt = chat_ids(tokenizer, "What is the capital of France?")
+    prompt = chat_ids(tokenizer, CAPITAL_QUESTION)
     # The reference: the same request through the normal path.
     expected, _ = generate_ids(grpc_channel, prompt, 8)
     transfer_id = f"transfer-that-nobody-pushes-{backend}"
@@ -195,7 +195,7 @@ def test_kv_of_an_answer_that_ends_at_the_first_token_is_freed(stack, backend):
     # "The" is the first token of the answer: prefill stops there, no decode runs.
     body = {"model": stack.model_name, "max_tokens": 16, "temperature": 0, "stop": ["The"],
             "kv_transfer_params": {"kv_backend": backend},
-            "messages": [{"role": "user", "content": f"What is the capital of France? ({backend})"}]}
+            "messages": [{"role": "user", "content": f"{CAPITAL_QUESTION} ({backend})"}]}
     response = httpx.post(f"{stack.http_base}/chat/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
     choice = response.json()["choices"][0]

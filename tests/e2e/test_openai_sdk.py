@@ -6,7 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+from tests.e2e.prompts import CAPITAL_QUESTION
+
+QUESTION = [{"role": "user", "content": CAPITAL_QUESTION}]
 
 
 def test_chat_completion(openai_client, stack):
@@ -58,7 +60,7 @@ def test_two_concurrent_requests(openai_client, stack):
             messages=[{"role": "user", "content": question}]).choices[0].message.content
 
     with ThreadPoolExecutor(2) as pool:
-        paris, colors = pool.map(ask, ["What is the capital of France?", "Name three primary colors."])
+        paris, colors = pool.map(ask, [CAPITAL_QUESTION, "Name three primary colors."])
     assert "Paris" in paris
     assert any(c in colors.lower() for c in ("red", "blue", "yellow"))
 

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from baton.registry import list_workers, parse_labels
 from tests.e2e.conftest import REPO, WORKER_LABELS, baton_command, wait_for
+from tests.e2e.prompts import CAPITAL_QUESTION
 
 
 def workers(stack) -> dict[str, object]:
@@ -33,7 +34,7 @@ def status(stack) -> dict[str, dict]:
 def ask(stack) -> dict:
     response = httpx.post(f"{stack.http_base}/chat/completions", timeout=120, json={
         "model": stack.model_name, "max_tokens": 12, "temperature": 0,
-        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        "messages": [{"role": "user", "content": CAPITAL_QUESTION}]})
     assert response.status_code == 200, response.text
     return response.json()
 
