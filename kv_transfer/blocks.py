@@ -14,7 +14,6 @@ block of 128.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -29,25 +28,34 @@ def find_block_dim(kv_layer: torch.Tensor, num_blocks: int) -> int:
     return dims[0]
 
 
-@dataclass(frozen=True)
 class TokenSlots:
     """Where a block's token slots are. The tensor's shape may not say:
     vLLM's CPU attention names a block ``[heads, block_size, 2 * head_size]``
-    but stores, per head, its keys transposed ``[head_size, block_size]``,
-    then its values ``[block_size, head_size]``. Other vLLM layouts have a
-    token dimension ``dim`` in the block, before the head dimension (which
-    may be as large)."""
+    but its kernels lay the slots out per instruction set (``vec``: per
+    head, keys transposed, then values; ``amx``: keys and values packed in
+    tiles, two tokens interleaved). Those layouts are read off the kernel
+    itself: it writes each token's index into a probe block, and a token's
+    slots are where its index landed. Other vLLM layouts have a token
+    dimension ``dim`` in the block, before the head dimension (which may be
+    as large)."""
 
-    shape: tuple[int, ...]  # of a block, as the tensor has it
-    block_size: int
-    dim: int = -1  # the token dimension; -1: vLLM's CPU attention layout
+    def __init__(self, shape: tuple[int, ...], block_size: int, dim: int = -1,
+                 offsets: torch.Tensor | None = None, name: str = ""):
+        self.shape = shape
+        self.block_size = block_size
+        self.dim = dim  # the token dimension, or -1 with ``offsets``
+        # [block_size, slot elements]: each token's element offsets in a flat block
+        self._offsets = offsets
+        self.name = name or f"dim{dim}"  # peers must share it: part of the layout hash
 
     @classmethod
-    def of(cls, shape: tuple[int, ...], block_size: int, cpu_attention: bool = False) -> TokenSlots:
-        if cpu_attention:
+    def of(cls, shape: tuple[int, ...], block_size: int, cpu_attention_isa: str = "",
+           dtype: torch.dtype = torch.bfloat16) -> TokenSlots:
+        if cpu_attention_isa:
             if len(shape) != 3 or shape[1] != block_size or shape[2] % 2:
                 raise ValueError(f"a KV block of shape {shape} is not [heads, {block_size}, 2 * head_size]")
-            return cls(shape, block_size)
+            offsets = _probe_cpu_attention(shape, block_size, cpu_attention_isa, dtype)
+            return cls(shape, block_size, offsets=offsets, name=f"cpu-{cpu_attention_isa}")
         for i, size in enumerate(shape):
             if size == block_size:
                 return cls(shape, block_size, i)
@@ -59,38 +67,76 @@ class TokenSlots:
         """Of one block."""
         return math.prod(self.shape)
 
-    def first(self, block: torch.Tensor, tokens: int) -> list[torch.Tensor]:
-        """Views of the first ``tokens`` slots of ``block``, part by part."""
-        if self.dim >= 0:
-            return [block.narrow(self.dim, 0, tokens)]
-        heads, size, both = self.shape
-        halves = block.view(heads, 2, size * both // 2)
-        keys = halves[:, 0].view(heads, both // 2, size).narrow(2, 0, tokens)
-        values = halves[:, 1].view(heads, size, both // 2).narrow(1, 0, tokens)
-        return [keys, values]
+    def offsets(self, tokens: int) -> torch.Tensor:
+        """Element offsets, ascending, of the first ``tokens`` slots in a flat block."""
+        if self._offsets is not None:
+            return self._offsets[:tokens].reshape(-1).sort().values
+        index = torch.arange(self.elements, dtype=torch.int64).view(self.shape)
+        return index.narrow(self.dim, 0, tokens).reshape(-1)
 
     def copy_first(self, block: torch.Tensor, tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """The first ``tokens`` slots of ``block``, copied out flat."""
-        parts = self.first(block, tokens)
-        out = torch.empty(sum(p.numel() for p in parts), dtype=block.dtype, device=device or block.device)
-        offset = 0
-        for part in parts:
-            out[offset:offset + part.numel()].view(part.shape).copy_(part)
-            offset += part.numel()
-        return out
+        """The first ``tokens`` slots of ``block``, copied out flat (in ``offsets`` order)."""
+        device = device or block.device
+        if self._offsets is None:
+            return block.narrow(self.dim, 0, tokens).reshape(-1).to(device)
+        return block.reshape(-1).index_select(0, self.offsets(tokens).to(block.device)).to(device)
+
+    def write_first(self, block: torch.Tensor, part: torch.Tensor) -> None:
+        """Write ``part`` (as ``copy_first`` gives it) into the first slots of
+        ``block``, a view into the cache; the slots after it stay as they are."""
+        tokens = part.numel() * self.block_size // self.elements
+        if self._offsets is None:
+            target = block.narrow(self.dim, 0, tokens)
+            target.copy_(part.view(target.shape).to(block.device))
+        else:
+            block.view(-1).index_copy_(0, self.offsets(tokens).to(block.device), part.to(block.device))
 
     def runs(self, tokens: int) -> list[tuple[int, int]]:
         """(element offset, length) of the first ``tokens`` slots within a
-        block laid out as ``shape``, contiguous pieces in ``first`` order."""
-        index = torch.arange(self.elements, dtype=torch.int64).view(self.shape)
-        flat = torch.cat([part.reshape(-1) for part in self.first(index, tokens)]).tolist()
+        block, contiguous pieces in ``copy_first`` order."""
         runs: list[tuple[int, int]] = []
-        for offset in flat:
+        for offset in self.offsets(tokens).tolist():
             if runs and runs[-1][0] + runs[-1][1] == offset:
                 runs[-1] = (runs[-1][0], runs[-1][1] + 1)
             else:
                 runs.append((offset, 1))
         return runs
+
+
+def cpu_attention_isa(dtype: torch.dtype, block_size: int, head_size: int, cache_dtype: str = "auto") -> str:
+    """The instruction set vLLM's CPU attention picks for these sizes on
+    this CPU ("amx", "vec", "vec16", ...), which decides its block layout."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(dtype, block_size, head_size, cache_dtype)
+
+
+def _probe_cpu_attention(shape: tuple[int, ...], block_size: int, isa: str, dtype: torch.dtype) -> torch.Tensor:
+    """Each token's element offsets in a block as vLLM's CPU attention
+    kernel for ``isa`` writes it: the kernel writes a code of every token
+    into a probe block (two passes, so every code is exact in bf16)."""
+    from vllm import _custom_ops as ops
+
+    heads, _, both = shape
+    head_size = both // 2
+    base = 128  # codes 1..base are exact in every KV dtype
+    tokens = torch.arange(block_size)
+    found = torch.zeros(heads * block_size * both, dtype=torch.int64)
+    for digit, scale in ((tokens % base, 1), (tokens // base, base)):
+        cache = torch.zeros(1, *shape, dtype=dtype)
+        key_cache, value_cache = cache.view(1, heads, block_size * 2, head_size).chunk(2, dim=2)
+        codes = (digit + 1).to(torch.float32).view(-1, 1, 1).expand(block_size, heads, head_size)
+        codes = codes.to(dtype).contiguous()
+        ops.cpu_attn_reshape_and_cache(codes, codes.clone(), key_cache, value_cache, tokens, isa)
+        written = cache.reshape(-1).to(torch.float32).round().to(torch.int64)
+        if (written < 1).any():
+            raise ValueError(f"vLLM's CPU attention kernel ({isa}) left slots of a full block unwritten")
+        found += (written - 1) * scale
+    order = torch.argsort(found, stable=True)  # offsets grouped by token, ascending within
+    per_token = found.numel() // block_size
+    if not torch.equal(torch.bincount(found, minlength=block_size), torch.full((block_size,), per_token)):
+        raise ValueError(f"vLLM's CPU attention kernel ({isa}) gives tokens slots of unequal size")
+    return order.view(block_size, per_token)
 
 
 def block_shape(kv_layer: torch.Tensor, block_dim: int) -> tuple[int, ...]:
@@ -115,11 +161,7 @@ def write_block(kv_layer: torch.Tensor, block_dim: int, slots: TokenSlots, block
     """Write ``part`` (a block's first slots, flat, as ``PromptBlocks.block``
     gives it) into block ``block_id`` of ``kv_layer``; the slots after it
     stay as they are."""
-    tokens = part.numel() * slots.block_size // slots.elements
-    offset = 0
-    for target in slots.first(kv_layer.select(block_dim, block_id), tokens):
-        target.copy_(part[offset:offset + target.numel()].view(target.shape).to(kv_layer.device))
-        offset += target.numel()
+    slots.write_first(kv_layer.select(block_dim, block_id), part)
 
 
 class PromptBlocks:
@@ -152,10 +194,8 @@ class PromptBlocks:
         else:
             whole.copy_(kv_layer.index_select(block_dim, index).movedim(block_dim, 0))
         if self.tail_tokens:
-            offset = whole.numel()
-            for part in self.slots.first(kv_layer.select(block_dim, block_ids[-1]), self.tail_tokens):
-                out[offset:offset + part.numel()].view(part.shape).copy_(part)
-                offset += part.numel()
+            tail = kv_layer.select(block_dim, block_ids[-1])
+            out[whole.numel():] = self.slots.copy_first(tail, self.tail_tokens, device)
         return out
 
     def block(self, payload: torch.Tensor, i: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-WIRE_VERSION = 3  # 3: a prompt's last block moves only its filled slots
+WIRE_VERSION = 4  # 3: a prompt's last block moves only its filled slots; 4: slot layouts named
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1,
                "float8_e4m3fn": 1, "float8_e5m2": 1}
 
@@ -25,6 +25,7 @@ class KVLayout:
     block_shape: tuple[int, ...]  # one block of one layer (of this rank's shard)
     tp_size: int = 1  # tensor-parallel ranks the cache is split over (heads)
     pp_size: int = 1  # pipeline-parallel ranks (layers)
+    slot_layout: str = ""  # where a block's token slots lie (``TokenSlots.name``): kernels differ per CPU
 
     @property
     def block_bytes(self) -> int:
@@ -37,6 +38,7 @@ class KVLayout:
         text = "|".join([
             f"v{WIRE_VERSION}", self.model_signature, ",".join(self.layer_names), self.dtype,
             str(self.block_size), "x".join(map(str, self.block_shape)), f"tp{self.tp_size}", f"pp{self.pp_size}",
+            self.slot_layout,
         ])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -98,13 +98,19 @@ def _model_signature(vllm_config: VllmConfig) -> str:
     return ";".join(parts)
 
 
-def _cpu_attention(vllm_config: VllmConfig) -> bool:
-    """Whether the engine's attention stores each head's block as all its
-    keys, then all its values: vLLM's CPU attention, which the CPU platform
-    picks for every model without MLA."""
+def _cpu_attention_isa(vllm_config: VllmConfig) -> str:
+    """The instruction set of vLLM's CPU attention kernels, which the CPU
+    platform picks for every model without MLA (their block layout depends
+    on it, see ``TokenSlots``); "" for every other attention."""
     from vllm.platforms import current_platform
 
-    return current_platform.is_cpu() and not vllm_config.model_config.use_mla
+    model = vllm_config.model_config
+    if not current_platform.is_cpu() or model.use_mla:
+        return ""
+    from kv_transfer.blocks import cpu_attention_isa
+
+    return cpu_attention_isa(model.dtype, vllm_config.cache_config.block_size, model.get_head_size(),
+                             vllm_config.cache_config.cache_dtype)
 
 
 def _make_backends(options: ConnectorOptions, consumer: bool) -> dict:
@@ -156,7 +162,7 @@ class BatonConnector(KVConnectorBase_V1):
             return
         self._worker_side = BatonWorkerSide(_model_signature(vllm_config), block_size, kv_cache_config.num_blocks,
                                             _make_backends(options, transfer.is_kv_consumer),
-                                            _cpu_attention(vllm_config))
+                                            _cpu_attention_isa(vllm_config))
 
     @property
     def _worker(self) -> BatonWorkerSide:

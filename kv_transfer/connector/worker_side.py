@@ -38,9 +38,9 @@ log = get_logger(__name__)
 
 class BatonWorkerSide:
     def __init__(self, layout_signature: str, block_size: int, num_blocks: int, backends: dict[str, KVBackend],
-                 cpu_attention: bool = False):
+                 cpu_attention_isa: str = ""):
         self._signature = layout_signature
-        self._cpu_attention = cpu_attention  # the attention's block layout, see ``TokenSlots``
+        self._cpu_attention_isa = cpu_attention_isa  # the attention's block layout, see ``TokenSlots``
         self._block_size = block_size
         self._num_blocks = num_blocks
         self._backends = backends
@@ -65,7 +65,7 @@ class BatonWorkerSide:
     # --- set-up -----------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], rank: ParallelRank = SINGLE_RANK) -> None:
         self.cache = KVCache(kv_caches, self._num_blocks, self._signature, self._block_size, rank,
-                             self._cpu_attention)
+                             self._cpu_attention_isa)
         self._layer_index = {name: i for i, name in enumerate(self.cache.names)}
         for backend in self._backends.values():
             backend.attach(self.cache)

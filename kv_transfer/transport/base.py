@@ -77,17 +77,18 @@ class KVCache:
     and consumer share."""
 
     def __init__(self, kv_caches: dict[str, torch.Tensor], num_blocks: int, signature: str, block_size: int,
-                 rank: ParallelRank = SINGLE_RANK, cpu_attention: bool = False):
+                 rank: ParallelRank = SINGLE_RANK, cpu_attention_isa: str = ""):
         self.names = tuple(sorted(kv_caches))
         self.layers = [kv_caches[name] for name in self.names]
         self.block_dims = [find_block_dim(t, num_blocks) for t in self.layers]
         self.num_blocks = num_blocks
         self.rank = rank
         first = self.layers[0]
+        shape = block_shape(first, self.block_dims[0])
+        # cpu_attention_isa: vLLM's CPU attention and the kernels it uses (see ``TokenSlots``).
+        self.slots = TokenSlots.of(shape, block_size, cpu_attention_isa, first.dtype)
         self.layout = KVLayout(signature, self.names, str(first.dtype).removeprefix("torch."), block_size,
-                               block_shape(first, self.block_dims[0]), rank.tp_size, rank.pp_size)
-        # cpu_attention: vLLM's CPU attention (see ``TokenSlots``).
-        self.slots = TokenSlots.of(self.layout.block_shape, block_size, cpu_attention)
+                               shape, rank.tp_size, rank.pp_size, self.slots.name)
 
     def prompt(self, num_tokens: int) -> PromptBlocks:
         """How a prompt of ``num_tokens`` lies in each layer's payload."""

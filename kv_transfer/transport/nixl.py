@@ -25,9 +25,10 @@ forward; the consumer hashes what landed and refuses a mismatch.
 
 Of a last block the prompt fills only in part, only the filled token slots
 are read, where that takes a few descriptors per layer (FlashAttention's
-layout: one per K and V half). vLLM's CPU attention stores each head's keys
-transposed, so there the slots are ~200 small pieces per layer: reading them
-took 35 ms against 1 ms for the whole block, which is read instead.
+layout: one per K and V half). vLLM's CPU attention scatters them (keys
+transposed, or packed in AMX tiles), hundreds of small pieces per layer:
+reading them took 35 ms against 1 ms for the whole block, which is read
+instead.
 """
 
 from __future__ import annotations

@@ -228,6 +228,7 @@ def _engine_layout_cache(model_path, num_blocks: int):
     block shape), holding arbitrary bytes: a stand-in prefill engine."""
     import torch
 
+    from kv_transfer.blocks import cpu_attention_isa
     from kv_transfer.transport.base import KVCache
 
     hf = json.loads((model_path / "config.json").read_text())
@@ -237,7 +238,7 @@ def _engine_layout_cache(model_path, num_blocks: int):
     layers = {f"model.layers.{i}.self_attn.attn": torch.randn(
         (num_blocks, hf["num_key_value_heads"], 128, 2 * head_dim)).to(torch.bfloat16)
         for i in range(hf["num_hidden_layers"])}
-    return KVCache(layers, num_blocks, signature, 128)
+    return KVCache(layers, num_blocks, signature, 128, cpu_attention_isa=cpu_attention_isa(torch.bfloat16, 128, head_dim))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

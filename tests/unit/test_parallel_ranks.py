@@ -39,9 +39,9 @@ def make_backend(kind: str, name: str, consumer: bool):
 
 
 def shard(seed: int) -> dict[str, torch.Tensor]:
-    """One rank's KV: one of the model's two KV heads (CPU layout)."""
+    """One rank's KV: one of the model's two KV heads (CPU layout, heads of 32)."""
     generator = torch.Generator().manual_seed(seed)
-    return {f"model.layers.{i}.attn": torch.randn((NUM_BLOCKS, 1, BLOCK, 16), generator=generator).to(
+    return {f"model.layers.{i}.attn": torch.randn((NUM_BLOCKS, 1, BLOCK, 64), generator=generator).to(
         torch.bfloat16) for i in range(LAYERS)}
 
 
@@ -53,7 +53,7 @@ class Engine:
         for tp_rank in range(TP):
             side = BatonWorkerSide("test-model", BLOCK, NUM_BLOCKS,
                                    {kind: make_backend(kind, f"{name}-{seed}-r{tp_rank}", consumer)},
-                                   cpu_attention=True)
+                                   cpu_attention_isa="vec")
             side.register_kv_caches(shard(seed * 10 + tp_rank), ParallelRank(tp_rank, TP))
             self.ranks.append(side)
 
