@@ -40,7 +40,7 @@ _ROUTER_FLAGS: list[tuple[str, str, type, str]] = [
     ("--grpc-port", "router_grpc_port", int, "public gRPC Inference port"),
 ]
 _CONTROL_PLANE_FLAGS: list[tuple[str, str, type, str]] = [
-    ("--policy", "policy", str, "placement policy: least-loaded, round-robin"),
+    ("--policy", "policy", str, "placement policy: kv-aware (default), least-loaded, round-robin"),
     ("--kv-backend", "kv_backend", str, "how KV moves: nixl (default), collective, grpc"),
 ]
 _UP_FLAGS = _COMMON_FLAGS + _CONTROL_PLANE_FLAGS + [

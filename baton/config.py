@@ -72,7 +72,8 @@ class Settings:
     engines' caches; the fastest measured), "collective" (torch.distributed
     send/recv: Gloo on CPU, NCCL on GPU) or "grpc" (needs nothing else).
     A pair that cannot use it falls back to grpc, logged at warning."""
-    policy: str = "least-loaded"
+    policy: str = "kv-aware"
+    """Placement: "kv-aware" (prefix cache and per-phase load), "least-loaded" or "round-robin"."""
     transfer_ttl_s: float = 330.0
     """Transfers not reported consumed or failed within this are expired;
     longer than request_timeout_s, so a running decode never counts as gone."""

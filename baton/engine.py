@@ -26,6 +26,41 @@ class EngineOptions:
     cpu_cores: str = ""
     kv_cache_gib: int = 1
     gpu_memory_utilization: float = 0.5
+    kv_events_endpoint: str = ""  # where the engine publishes its KV cache events (ZMQ); "" for none
+
+
+@dataclass
+class EngineLoad:
+    """The engine's own view of its load, as its scheduler last reported it."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0  # tokens looked up since start
+    prefix_cache_hits: int = 0
+
+
+def _load_logger(load: EngineLoad):
+    """A vLLM stat logger (factory) that keeps ``load`` current."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class LoadLogger(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if scheduler_stats is None:
+                return
+            load.running = scheduler_stats.num_running_reqs
+            load.waiting = scheduler_stats.num_waiting_reqs
+            load.kv_cache_usage = scheduler_stats.kv_cache_usage
+            load.prefix_cache_queries += scheduler_stats.prefix_cache_stats.queries
+            load.prefix_cache_hits += scheduler_stats.prefix_cache_stats.hits
+
+        def log_engine_initialized(self):
+            pass
+
+    return LoadLogger
 
 
 def is_input_error(exc: BaseException) -> bool:
@@ -49,14 +84,23 @@ def generated_tokens(completion, logprobs: int | None) -> common_pb2.GeneratedTo
 class Engine:
     """Owns an AsyncLLM; ``start`` blocks while the engine loads (~45 s on CPU)."""
 
-    def __init__(self, llm, options: EngineOptions):
+    def __init__(self, llm, options: EngineOptions, load: EngineLoad | None = None):
         self._llm = llm
         self.options = options
+        self.load = load or EngineLoad()
+
+    @property
+    def block_size(self) -> int:
+        return self._llm.vllm_config.cache_config.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self._llm.vllm_config.cache_config.num_gpu_blocks or 0
 
     @classmethod
     def start(cls, options: EngineOptions) -> Engine:
         device.apply_engine_environment(options.cpu_cores, options.kv_cache_gib)
-        from vllm.config import KVTransferConfig
+        from vllm.config import KVEventsConfig, KVTransferConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -74,14 +118,18 @@ class Engine:
             enforce_eager=options.enforce_eager,
             enable_prefix_caching=True,
             kv_transfer_config=transfer,
-            disable_log_stats=True,
+            kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
+                                            endpoint=options.kv_events_endpoint)
+            if options.kv_events_endpoint else None,
+            disable_log_stats=True,  # vLLM's own stat loggers; ours below still gets the stats
             **device.engine_memory_args(options.gpu_memory_utilization),
         )
         started = time.monotonic()
         log.info("engine starting", model=options.model_path, kv_role=options.kv_role)
-        llm = AsyncLLM.from_engine_args(args)
+        load = EngineLoad()
+        llm = AsyncLLM.from_engine_args(args, stat_loggers=[_load_logger(load)])
         log.info("engine ready", seconds=round(time.monotonic() - started, 1))
-        return cls(llm, options)
+        return cls(llm, options, load)
 
     async def generate(self, token_ids: list[int], params, request_id: str,
                        kv_transfer_params: dict[str, Any] | None) -> AsyncIterator[Any]:

@@ -33,6 +33,9 @@ class WorkerRecord:
     kv_endpoints: dict[str, str] = field(default_factory=dict)  # KV backend → how peers reach its engine
     labels: dict[str, str] = field(default_factory=dict)
     state: str = "ready"
+    block_size: int = 0  # tokens per KV block of its engine
+    kv_cache_blocks: int = 0  # blocks in its engine's KV cache
+    kv_events: bool = False  # its engine's KV events reach the control plane (else: prefix index from history)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -137,9 +140,9 @@ class Registration:
 class RegistryWatcher:
     """A live map worker_id → WorkerRecord, from a prefix read plus a watch.
 
-    ``on_change(kind, record)`` is called for every put ("put") and delete
-    ("delete") after the initial load. The watch is re-established (from a
-    fresh read) whenever it breaks.
+    Listeners (``on_change(kind, record)``) are called for every put
+    ("put") and delete ("delete"). The watch is re-established (from a fresh
+    read) whenever it breaks.
     """
 
     def __init__(
@@ -150,7 +153,7 @@ class RegistryWatcher:
     ):
         self._endpoint = endpoint
         self._prefix = workers_prefix(prefix).encode()
-        self._on_change = on_change
+        self._listeners: list[Callable[[str, WorkerRecord], None]] = [on_change] if on_change else []
         self.workers: dict[str, WorkerRecord] = {}
         self._ready = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -210,8 +213,13 @@ class RegistryWatcher:
     def _notify(self, kind: str, record: WorkerRecord) -> None:
         log.info("worker " + ("joined" if kind == "put" else "left"), worker_id=record.worker_id,
                  role=record.role, address=record.address)
-        if self._on_change:
-            self._on_change(kind, record)
+        for listener in self._listeners:
+            listener(kind, record)
+
+    def on_change(self, listener: Callable[[str, WorkerRecord], None]) -> None:
+        self._listeners.append(listener)
+        for record in self.workers.values():  # what it missed
+            listener("put", record)
 
     def by_role(self, role: str) -> list[WorkerRecord]:
         return sorted((w for w in self.workers.values() if w.role == role), key=lambda w: w.worker_id)

@@ -18,7 +18,7 @@ async def collect_status(settings: Settings) -> dict:
     except Exception as exc:  # aetcd raises its own hierarchy; all mean "no registry"
         raise RuntimeError(f"cannot read the registry from etcd at {settings.etcd_endpoint}: {exc}") from exc
     counters: dict[str, control_plane_pb2.WorkerStatus] = {}
-    backends = None
+    backends = prefix_index = policy = None
     reachable = True
     async with channel(settings.control_plane_address) as ch:
         try:
@@ -27,6 +27,8 @@ async def collect_status(settings: Settings) -> dict:
             counters = {w.worker_id: w for w in response.workers}
             backends = {b.backend: {field: getattr(b, field) for field in _BACKEND_FIELDS}
                         for b in response.kv_backends}
+            prefix_index = {field: getattr(response.prefix_index, field) for field in _PREFIX_FIELDS}
+            policy = response.policy
         except grpc.aio.AioRpcError:
             reachable = False
     rows = []
@@ -38,11 +40,18 @@ async def collect_status(settings: Settings) -> dict:
             "in_flight": c.in_flight if c else 0, "total": c.transfers_total if c else 0,
             "consumed": c.transfers_consumed if c else 0, "failed": c.transfers_failed if c else 0,
             "expired": c.transfers_expired if c else 0}
+        row["scheduling"] = None if not reachable else {
+            "prefix_source": c.prefix_source if c else "", "cached_blocks": c.cached_blocks if c else 0,
+            "queued_prefill_tokens": c.queued_prefill_tokens if c else 0, "running": c.running if c else 0,
+            "engine": {field: getattr(c.engine, field) for field in _ENGINE_FIELDS}
+            if c and c.HasField("engine") else None}
         rows.append(row)
-    return {"workers": rows, "kv_backends": backends}
+    return {"workers": rows, "kv_backends": backends, "prefix_index": prefix_index, "policy": policy}
 
 
 _BACKEND_FIELDS = ("placed", "consumed", "failed", "recomputed", "expired", "bytes", "fallbacks")
+_PREFIX_FIELDS = ("predicted_tokens", "hit_tokens", "exact", "reported")
+_ENGINE_FIELDS = ("running", "waiting", "kv_cache_usage", "prefix_cache_queries", "prefix_cache_hits")
 
 
 def render_table(status: dict) -> str:
@@ -58,6 +67,25 @@ def render_table(status: dict) -> str:
         labels = ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items())) or "-"
         lines.append(f"{r['worker_id']:<20} {r['role']:<8} {r['address']:<22} {r['state']:<6} {r['model']:<24} "
                      f"{labels:<20} {counts}")
+    if any(r.get("scheduling") for r in rows):
+        lines += ["", f"policy: {status.get('policy') or '-'}",
+                  f"{'WORKER':<20} {'PREFIX INDEX':<22} {'QUEUED PREFILL':>14} {'RUNNING':>8}  ENGINE"]
+        for r in rows:
+            sched = r.get("scheduling")
+            if not sched:
+                continue
+            engine = sched["engine"]
+            seen = "not reported" if engine is None else (
+                f"running={engine['running']} waiting={engine['waiting']} "
+                f"kv={engine['kv_cache_usage']:.0%} prefix hits={engine['prefix_cache_hits']}/"
+                f"{engine['prefix_cache_queries']}")
+            index = f"{sched['prefix_source'] or '-'}, {sched['cached_blocks']} blocks"
+            lines.append(f"{r['worker_id']:<20} {index:<22} {sched['queued_prefill_tokens']:>14} "
+                         f"{sched['running']:>8}  {seen}")
+        prefix = status.get("prefix_index")
+        if prefix and prefix["reported"]:
+            lines.append(f"prefix index: predicted {prefix['predicted_tokens']} cached tokens, engines hit "
+                         f"{prefix['hit_tokens']}; exact in {prefix['exact']} of {prefix['reported']} placements")
     if status["kv_backends"]:
         lines += ["", f"{'KV BACKEND':<12} " + " ".join(f"{field.upper():>11}" for field in _BACKEND_FIELDS)]
         for name, counts in status["kv_backends"].items():

@@ -19,6 +19,7 @@ from baton.model_store import resolve_model
 from baton.registry import Registration, WorkerRecord, parse_labels
 from baton.rpc import ServiceBinding, start_server
 from baton.telemetry import setup_tracing
+from baton.worker_report import WorkerReporter
 from kv_transfer.connector import read_endpoints
 from kv_transfer.transport import available_backends
 
@@ -55,7 +56,10 @@ async def run_worker(
     model_path = await asyncio.to_thread(resolve_model, settings.model)
     name = served_name(settings, model_path)
     # The engine's connector writes how peers reach its KV here, per backend.
-    endpoint_file = Path(tempfile.mkdtemp(prefix="baton-kv-")) / "endpoints.json"
+    scratch = Path(tempfile.mkdtemp(prefix="baton-kv-"))
+    endpoint_file = scratch / "endpoints.json"
+    # The engine publishes its KV cache events here; the reporter forwards them.
+    events_endpoint = f"ipc://{scratch}/kv-events"
     backends = available_backends()
     engine = await asyncio.to_thread(Engine.start, EngineOptions(
         model_path=str(model_path),
@@ -73,16 +77,19 @@ async def run_worker(
         cpu_cores=settings.cpu_cores,
         kv_cache_gib=settings.kv_cache_gib,
         gpu_memory_utilization=settings.gpu_memory_utilization,
+        kv_events_endpoint=events_endpoint,
     ))
     server, port, health = await start_server(f"{role}-worker", make_bindings(engine), settings.host,
                                               settings.grpc_port)
     kv_endpoints = read_endpoints(str(endpoint_file))
-    shutil.rmtree(endpoint_file.parent, ignore_errors=True)
     # A consumer engine hosts KVTransfer (its inbox) at its grpc endpoint.
     kv_address = kv_endpoints.get("grpc", "")
     record = WorkerRecord(worker_id=worker_id, role=role, address=advertised(settings, port),
                           model=name, kv_address=kv_address, kv_endpoints=kv_endpoints,
-                          labels=labels)
+                          labels=labels, block_size=engine.block_size, kv_cache_blocks=engine.num_blocks,
+                          kv_events=True)
+    reporter = WorkerReporter(worker_id, settings.control_plane_address, events_endpoint, engine.load)
+    reporter.start()
     registration = Registration(settings.etcd_endpoint, settings.etcd_prefix, record, settings.lease_ttl_s)
     await registration.start()
     log.info("worker serving", worker_id=worker_id, address=record.address, kv_address=kv_address,
@@ -93,6 +100,8 @@ async def run_worker(
         log.info("worker stopping", worker_id=worker_id)
         await health.enter_graceful_shutdown()  # health checks now say NOT_SERVING
         await registration.stop()
+        await reporter.stop()
         await server.stop(grace=5)
         with contextlib.suppress(Exception):
             engine.shutdown()
+        shutil.rmtree(scratch, ignore_errors=True)

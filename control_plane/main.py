@@ -22,10 +22,11 @@ log = get_logger(__name__)
 async def serve(settings: Settings) -> None:
     setup_logging("control-plane", settings.log_level)
     setup_tracing("control-plane")
-    schedulers = {role: make_scheduler(settings.policy) for role in ROLES}
+    schedulers = {role: make_scheduler(settings.policy, role) for role in ROLES}
     registry = RegistryWatcher(settings.etcd_endpoint, settings.etcd_prefix)
     await registry.start()
-    servicer = ControlPlaneServicer(registry, schedulers, TransferTable(settings.transfer_ttl_s), settings.kv_backend)
+    servicer = ControlPlaneServicer(registry, schedulers, TransferTable(settings.transfer_ttl_s), settings.kv_backend,
+                                    settings.policy)
     port = int(settings.control_plane_address.rpartition(":")[2])
     server, bound, _ = await start_server(
         "control-plane",

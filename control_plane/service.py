@@ -12,7 +12,8 @@ from baton.logs import bind_request, get_logger
 from baton.registry import RegistryWatcher, WorkerRecord
 from baton.v1 import common_pb2, control_plane_pb2, control_plane_pb2_grpc
 from control_plane.kv_backend import choose_backend
-from control_plane.scheduling import Candidate, NoWorker, Scheduler, SchedulingRequest
+from control_plane.prefix_index import Cleared, PrefixIndex, Removed, Stored, block_keys
+from control_plane.scheduling import Candidate, EngineReport, NoWorker, Scheduler, SchedulingRequest
 from control_plane.transfers import TransferState, TransferTable
 from kv_transfer.transport import BACKENDS, FALLBACK_BACKEND
 
@@ -27,9 +28,35 @@ _OUTCOME = {
 }
 
 
+def _event(message: control_plane_pb2.KVCacheEvent):
+    kind = message.WhichOneof("kind")
+    if kind == "stored":
+        stored = message.stored
+        parent = stored.parent_block_hash if stored.HasField("parent_block_hash") else None
+        return Stored(list(stored.block_hashes), parent, list(stored.token_ids), stored.block_size)
+    if kind == "removed":
+        return Removed(list(message.removed.block_hashes))
+    return Cleared() if kind == "cleared" else None
+
+
+class _PromptKeys:
+    """A prompt's block keys, computed once per block size it is matched at."""
+
+    def __init__(self, token_ids):
+        self._tokens = list(token_ids)
+        self._by_size: dict[int, list[int]] = {}
+
+    def at(self, block_size: int) -> list[int]:
+        if block_size <= 0:
+            return []
+        if block_size not in self._by_size:
+            self._by_size[block_size] = block_keys(self._tokens, block_size)
+        return self._by_size[block_size]
+
+
 class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
     def __init__(self, registry: RegistryWatcher, schedulers: dict[str, Scheduler],
-                 transfers: TransferTable, kv_backend: str = FALLBACK_BACKEND):
+                 transfers: TransferTable, kv_backend: str = FALLBACK_BACKEND, policy: str = ""):
         """``schedulers`` maps role → pipeline; one instance per role so that
         the rotation state of one pool never skews the other. ``kv_backend``:
         the deployment's transfer backend."""
@@ -37,13 +64,37 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
         self._schedulers = schedulers
         self._transfers = transfers
         self._kv_backend = kv_backend
+        self._policy = policy
+        self._prefixes = PrefixIndex()
+        self._engines: dict[str, EngineReport] = {}
+        self._engine_reports: dict[str, control_plane_pb2.EngineLoad] = {}
+        registry.on_change(self._worker_changed)
 
-    def _pick(self, role: str, request: SchedulingRequest) -> WorkerRecord:
+    def _worker_changed(self, kind: str, record: WorkerRecord) -> None:
+        worker_id = record.worker_id
+        if kind == "delete":
+            self._prefixes.forget(worker_id)
+            self._engines.pop(worker_id, None)
+            self._engine_reports.pop(worker_id, None)
+            return
+        self._prefixes.track(worker_id, events=record.kv_events, block_size=record.block_size,
+                             capacity_blocks=record.kv_cache_blocks)
+
+    def _candidate(self, worker: WorkerRecord, keys: _PromptKeys, now_s: float) -> Candidate:
+        block_size = self._prefixes.block_size(worker.worker_id) or worker.block_size
+        matched = self._prefixes.matched_blocks(worker.worker_id, keys.at(block_size), now_s)
+        worker_id = worker.worker_id
+        return Candidate.of(worker, self._transfers.in_flight(worker_id), cached_tokens=matched * block_size,
+                            queued_prefill_tokens=self._transfers.queued_prefill_tokens(worker_id),
+                            running=self._transfers.running(worker_id),
+                            decode_tokens=self._transfers.decode_tokens(worker_id),
+                            engine=self._engines.get(worker_id))
+
+    def _pick(self, role: str, request: SchedulingRequest, keys: _PromptKeys, now_s: float) -> Candidate:
         """Raises ``NoWorker`` (its message names the role's pool)."""
-        pool = {w.worker_id: w for w in self._registry.by_role(role)}
-        candidates = [Candidate.of(w, self._transfers.in_flight(w.worker_id)) for w in pool.values()]
+        candidates = [self._candidate(w, keys, now_s) for w in self._registry.by_role(role)]
         try:
-            return pool[self._schedulers[role].pick(request, candidates).worker_id]
+            return self._schedulers[role].pick(request, candidates)
         except NoWorker as exc:
             raise NoWorker(f"{role}: {exc}", exc.client_error) from None
 
@@ -53,26 +104,39 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
         if wanted not in BACKENDS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"unknown KV backend {wanted!r}; choose from {', '.join(BACKENDS)}")
-        wanted_request = SchedulingRequest(request.model, request.prompt_tokens, dict(request.required_labels))
+        prompt_tokens = len(request.prompt_token_ids) or request.prompt_tokens
+        wanted_request = SchedulingRequest(request.model, prompt_tokens, dict(request.required_labels),
+                                           request.max_tokens)
+        keys, now = _PromptKeys(request.prompt_token_ids), time.monotonic()
         try:
-            decode = self._pick("decode", wanted_request)
-            prefill = self._pick("prefill", wanted_request)
+            decode_pick = self._pick("decode", wanted_request, keys, now)
+            prefill_pick = self._pick("prefill", wanted_request, keys, now)
         except NoWorker as exc:
             # A constraint nothing can meet is the client's; no worker at all
             # is capacity (not UNAVAILABLE: that would mean the control
             # plane itself is down).
             code = grpc.StatusCode.FAILED_PRECONDITION if exc.client_error else grpc.StatusCode.RESOURCE_EXHAUSTED
             await context.abort(code, str(exc))
+        prefill, decode = self._registry.workers[prefill_pick.worker_id], self._registry.workers[decode_pick.worker_id]
         backend = choose_backend(wanted, prefill, decode)
-        transfer = self._transfers.open(request.request_id, prefill.worker_id, decode.worker_id, time.monotonic(),
-                                        backend, fallback=backend != wanted)
+        transfer = self._transfers.open(request.request_id, prefill.worker_id, decode.worker_id, now,
+                                        backend, fallback=backend != wanted,
+                                        prefill_tokens=prefill_pick.uncached_tokens(wanted_request),
+                                        decode_tokens=prompt_tokens + request.max_tokens,
+                                        predicted_cached=prefill_pick.cached_tokens)
+        # Both will hold the prompt's blocks: the prefill worker computes
+        # them, the decode worker loads them.
+        for worker in (prefill, decode):
+            self._prefixes.placed(worker.worker_id, keys.at(self._prefixes.block_size(worker.worker_id)), now)
         if backend != wanted:
             # Loud and counted: a silent fallback costs users days.
             log.warning("KV backend not offered by this pair; falling back", wanted=wanted, using=backend,
                         prefill=prefill.worker_id, decode=decode.worker_id,
                         fallbacks=self._transfers.by_backend[backend]["fallbacks"])
         log.info("placed", prefill=prefill.worker_id, decode=decode.worker_id, transfer_id=transfer.transfer_id,
-                 prompt_tokens=request.prompt_tokens, kv_backend=backend)
+                 prompt_tokens=prompt_tokens, kv_backend=backend, prefill_cached_tokens=prefill_pick.cached_tokens,
+                 decode_cached_tokens=decode_pick.cached_tokens,
+                 queued_prefill_tokens=prefill_pick.queued_prefill_tokens)
         return control_plane_pb2.Placement(
             prefill=control_plane_pb2.WorkerEndpoint(worker_id=prefill.worker_id, address=prefill.address,
                                                      kv_endpoint=prefill.kv_endpoints.get(backend, "")),
@@ -81,7 +145,34 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
                                                     kv_endpoint=decode.kv_endpoints.get(backend, "")),
             transfer_id=transfer.transfer_id,
             kv_backend=backend,
+            prefill_cached_tokens=prefill_pick.cached_tokens,
+            decode_cached_tokens=decode_pick.cached_tokens,
         )
+
+    async def ReportPrefillDone(self, request: control_plane_pb2.PrefillDone, context):
+        transfer = self._transfers.prefill_done(request.transfer_id, request.cached_tokens)
+        if transfer is None:
+            return control_plane_pb2.TransferReportAck(state="unknown")
+        if transfer.predicted_cached != request.cached_tokens:
+            log.info("prefix index missed", transfer_id=request.transfer_id, prefill=transfer.prefill_id,
+                     predicted_cached_tokens=transfer.predicted_cached, cached_tokens=request.cached_tokens)
+        return control_plane_pb2.TransferReportAck(state=transfer.state.value)
+
+    async def ReportWorker(self, request_iterator, context):
+        worker_id = ""
+        async for report in request_iterator:
+            worker_id = report.worker_id
+            if report.reset:
+                self._prefixes.reset(worker_id)
+            for message in report.events:
+                event = _event(message)
+                if event is not None:
+                    self._prefixes.apply(worker_id, event)
+            if report.HasField("load"):
+                load = report.load
+                self._engines[worker_id] = EngineReport(load.running, load.waiting, load.kv_cache_usage)
+                self._engine_reports[worker_id] = load
+        return control_plane_pb2.WorkerReportAck()
 
     async def ReportTransfer(self, request: control_plane_pb2.TransferReport, context):
         state = _OUTCOME.get(request.outcome)
@@ -109,11 +200,21 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
                 in_flight=self._transfers.in_flight(worker.worker_id),
                 transfers_total=counts.get("total", 0), transfers_consumed=counts.get("consumed", 0),
                 transfers_failed=counts.get("failed", 0), transfers_expired=counts.get("expired", 0),
+                prefix_source=self._prefixes.source(worker.worker_id),
+                cached_blocks=self._prefixes.cached_blocks(worker.worker_id),
+                queued_prefill_tokens=self._transfers.queued_prefill_tokens(worker.worker_id),
+                running=self._transfers.running(worker.worker_id),
+                engine=self._engine_reports.get(worker.worker_id),
             ))
         for backend, counts in sorted(self._transfers.by_backend.items()):
             response.kv_backends.append(control_plane_pb2.KVBackendStatus(
                 backend=backend, **{field: counts[field] for field in (
                     "placed", "consumed", "failed", "recomputed", "expired", "bytes", "fallbacks")}))
+        prefix = self._transfers.prefix
+        response.prefix_index.CopyFrom(control_plane_pb2.PrefixIndexStatus(
+            predicted_tokens=prefix["predicted_tokens"], hit_tokens=prefix["hit_tokens"], exact=prefix["exact"],
+            reported=prefix["reported"]))
+        response.policy = self._policy
         return response
 
     async def run_expiry(self, interval_s: float = 1.0) -> None:

@@ -1,7 +1,12 @@
 """Transfer bookkeeping: every placement allocates a transfer id, tracked
 until reported consumed or failed, or expired after ``ttl_s``. Forward-only:
 PLACED → CONSUMED | FAILED | EXPIRED. Pure: time is passed in.
-Counted per worker and per KV backend."""
+Counted per worker and per KV backend.
+
+The open transfers are also the load the control plane has handed out, per
+phase: a prefill worker owes the uncached prompt tokens of its placements
+until their prefill is reported done (not until the decode ends); a decode
+worker holds its placements' sequences, and their tokens' KV, until they end."""
 
 from __future__ import annotations
 
@@ -29,6 +34,10 @@ class Transfer:
     state: TransferState = TransferState.PLACED
     bytes: int = 0
     tokens: int = 0
+    prefill_tokens: int = 0  # uncached prompt tokens the prefill worker computes
+    decode_tokens: int = 0  # prompt + answer: the KV the decode worker will hold
+    predicted_cached: int = 0  # prompt tokens the index expected cached on the prefill worker
+    prefill_done: bool = False
 
 
 class TransferTable:
@@ -39,17 +48,45 @@ class TransferTable:
         self.counters: dict[str, Counter] = {}
         # per backend: "placed", "fallbacks", the states, "recomputed", "bytes"
         self.by_backend: dict[str, Counter] = {}
+        # per worker: "prefill_tokens" owed, "running" sequences, "decode_tokens" held
+        self._load: dict[str, Counter] = {}
+        # the prefix index's predictions against the prefill engines' reports
+        self.prefix = Counter()
 
     def open(self, request_id: str, prefill_id: str, decode_id: str, now_s: float, backend: str = "",
-             fallback: bool = False) -> Transfer:
-        transfer = Transfer(uuid.uuid4().hex, request_id, prefill_id, decode_id, now_s, backend)
+             fallback: bool = False, prefill_tokens: int = 0, decode_tokens: int = 0,
+             predicted_cached: int = 0) -> Transfer:
+        transfer = Transfer(uuid.uuid4().hex, request_id, prefill_id, decode_id, now_s, backend,
+                            prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
+                            predicted_cached=predicted_cached)
         self._open[transfer.transfer_id] = transfer
         for worker in (prefill_id, decode_id):
             self.counters.setdefault(worker, Counter())["total"] += 1
         counts = self.by_backend.setdefault(backend, Counter())
         counts["placed"] += 1
         counts["fallbacks"] += fallback
+        self._load.setdefault(prefill_id, Counter())["prefill_tokens"] += prefill_tokens
+        decode = self._load.setdefault(decode_id, Counter())
+        decode["running"] += 1
+        decode["decode_tokens"] += decode_tokens
         return transfer
+
+    def prefill_done(self, transfer_id: str, cached_tokens: int) -> Transfer | None:
+        """The prefill worker's part is over; ``cached_tokens``: what its
+        engine found cached. Unknown ids and repeats return None."""
+        transfer = self._open.get(transfer_id)
+        if transfer is None or transfer.prefill_done:
+            return None
+        self._end_prefill(transfer)
+        self.prefix["reported"] += 1
+        self.prefix["predicted_tokens"] += transfer.predicted_cached
+        self.prefix["hit_tokens"] += cached_tokens
+        self.prefix["exact"] += transfer.predicted_cached == cached_tokens
+        return transfer
+
+    def _end_prefill(self, transfer: Transfer) -> None:
+        transfer.prefill_done = True
+        self._load[transfer.prefill_id]["prefill_tokens"] -= transfer.prefill_tokens
 
     def close(self, transfer_id: str, state: TransferState, nbytes: int = 0, tokens: int = 0,
               recomputed: bool = False) -> Transfer | None:
@@ -58,6 +95,11 @@ class TransferTable:
         if transfer is None:
             return None
         transfer.state, transfer.bytes, transfer.tokens = state, nbytes, tokens
+        if not transfer.prefill_done:
+            self._end_prefill(transfer)
+        decode = self._load[transfer.decode_id]
+        decode["running"] -= 1
+        decode["decode_tokens"] -= transfer.decode_tokens
         for worker in (transfer.prefill_id, transfer.decode_id):
             self.counters.setdefault(worker, Counter())[state.value] += 1
         counts = self.by_backend.setdefault(transfer.backend, Counter())
@@ -72,6 +114,16 @@ class TransferTable:
 
     def in_flight(self, worker_id: str) -> int:
         return sum(1 for t in self._open.values() if worker_id in (t.prefill_id, t.decode_id))
+
+    def queued_prefill_tokens(self, worker_id: str) -> int:
+        return self._load.get(worker_id, Counter())["prefill_tokens"]
+
+    def running(self, worker_id: str) -> int:
+        """Decode sequences placed on the worker and not yet ended."""
+        return self._load.get(worker_id, Counter())["running"]
+
+    def decode_tokens(self, worker_id: str) -> int:
+        return self._load.get(worker_id, Counter())["decode_tokens"]
 
     @property
     def open_count(self) -> int:

@@ -106,7 +106,7 @@ class Pipeline:
         self._timeout_s = timeout_s
         # Without the control plane, the same pipeline places requests
         # over the router's own registry view (no load figures: rotation).
-        self._fallback = {role: make_scheduler("round-robin") for role in ("prefill", "decode")}
+        self._fallback = {role: make_scheduler("round-robin", role) for role in ("prefill", "decode")}
         self._background: set[asyncio.Task] = set()
 
     async def close(self) -> None:
@@ -117,6 +117,8 @@ class Pipeline:
             return await self._control_plane.Schedule(
                 control_plane_pb2.ScheduleRequest(request_id=request.request_id, model=self._model_name,
                                                   prompt_tokens=len(request.prompt_token_ids),
+                                                  prompt_token_ids=request.prompt_token_ids,
+                                                  max_tokens=request.params.max_tokens or 0,
                                                   kv_backend=request.kv_backend,
                                                   required_labels=request.required_labels), timeout=5)
         except grpc.aio.AioRpcError as exc:
@@ -185,6 +187,9 @@ class Pipeline:
                         yield step
                 return
             self._metrics.ttft.observe(time.monotonic() - started)
+            # The prefill worker's share is done: its load ends now, not with the decode.
+            self._in_background(self._control_plane.ReportPrefillDone(control_plane_pb2.PrefillDone(
+                transfer_id=placement.transfer_id, cached_tokens=first.cached_prompt_tokens), timeout=5))
             token = first.first
             continues = sampling.continues_exactly(request.params)
             log.info("first token from prefill", token_id=token.token_ids[0], prefill=placement.prefill.worker_id,

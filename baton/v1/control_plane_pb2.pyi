@@ -20,7 +20,7 @@ TRANSFER_OUTCOME_FAILED: TransferOutcome
 TRANSFER_OUTCOME_RECOMPUTED: TransferOutcome
 
 class ScheduleRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt_tokens", "kv_backend", "required_labels")
+    __slots__ = ("request_id", "model", "prompt_tokens", "kv_backend", "required_labels", "prompt_token_ids", "max_tokens")
     class RequiredLabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -33,12 +33,16 @@ class ScheduleRequest(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_BACKEND_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_LABELS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_tokens: int
     kv_backend: str
     required_labels: _containers.ScalarMap[str, str]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., kv_backend: _Optional[str] = ..., required_labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    max_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., kv_backend: _Optional[str] = ..., required_labels: _Optional[_Mapping[str, str]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class WorkerEndpoint(_message.Message):
     __slots__ = ("worker_id", "address", "kv_address", "kv_endpoint")
@@ -53,16 +57,90 @@ class WorkerEndpoint(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., kv_address: _Optional[str] = ..., kv_endpoint: _Optional[str] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("prefill", "decode", "transfer_id", "kv_backend")
+    __slots__ = ("prefill", "decode", "transfer_id", "kv_backend", "prefill_cached_tokens", "decode_cached_tokens")
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     KV_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prefill: WorkerEndpoint
     decode: WorkerEndpoint
     transfer_id: str
     kv_backend: str
-    def __init__(self, prefill: _Optional[_Union[WorkerEndpoint, _Mapping]] = ..., decode: _Optional[_Union[WorkerEndpoint, _Mapping]] = ..., transfer_id: _Optional[str] = ..., kv_backend: _Optional[str] = ...) -> None: ...
+    prefill_cached_tokens: int
+    decode_cached_tokens: int
+    def __init__(self, prefill: _Optional[_Union[WorkerEndpoint, _Mapping]] = ..., decode: _Optional[_Union[WorkerEndpoint, _Mapping]] = ..., transfer_id: _Optional[str] = ..., kv_backend: _Optional[str] = ..., prefill_cached_tokens: _Optional[int] = ..., decode_cached_tokens: _Optional[int] = ...) -> None: ...
+
+class PrefillDone(_message.Message):
+    __slots__ = ("transfer_id", "cached_tokens")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    cached_tokens: int
+    def __init__(self, transfer_id: _Optional[str] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+
+class WorkerReport(_message.Message):
+    __slots__ = ("worker_id", "reset", "events", "load")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    reset: bool
+    events: _containers.RepeatedCompositeFieldContainer[KVCacheEvent]
+    load: EngineLoad
+    def __init__(self, worker_id: _Optional[str] = ..., reset: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[KVCacheEvent, _Mapping]]] = ..., load: _Optional[_Union[EngineLoad, _Mapping]] = ...) -> None: ...
+
+class KVCacheEvent(_message.Message):
+    __slots__ = ("stored", "removed", "cleared")
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    CLEARED_FIELD_NUMBER: _ClassVar[int]
+    stored: BlocksStored
+    removed: BlocksRemoved
+    cleared: AllBlocksCleared
+    def __init__(self, stored: _Optional[_Union[BlocksStored, _Mapping]] = ..., removed: _Optional[_Union[BlocksRemoved, _Mapping]] = ..., cleared: _Optional[_Union[AllBlocksCleared, _Mapping]] = ...) -> None: ...
+
+class BlocksStored(_message.Message):
+    __slots__ = ("block_hashes", "parent_block_hash", "token_ids", "block_size")
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    PARENT_BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    parent_block_hash: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    block_size: int
+    def __init__(self, block_hashes: _Optional[_Iterable[int]] = ..., parent_block_hash: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ...) -> None: ...
+
+class BlocksRemoved(_message.Message):
+    __slots__ = ("block_hashes",)
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class AllBlocksCleared(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EngineLoad(_message.Message):
+    __slots__ = ("running", "waiting", "kv_cache_usage", "prefix_cache_queries", "prefix_cache_hits")
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    running: int
+    waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ...) -> None: ...
+
+class WorkerReportAck(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class TransferReport(_message.Message):
     __slots__ = ("transfer_id", "outcome", "bytes", "tokens", "detail")
@@ -89,7 +167,7 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "kv_address", "model", "state", "in_flight", "transfers_total", "transfers_consumed", "transfers_failed", "transfers_expired")
+    __slots__ = ("worker_id", "role", "address", "kv_address", "model", "state", "in_flight", "transfers_total", "transfers_consumed", "transfers_failed", "transfers_expired", "prefix_source", "cached_blocks", "queued_prefill_tokens", "running", "engine")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +179,11 @@ class WorkerStatus(_message.Message):
     TRANSFERS_CONSUMED_FIELD_NUMBER: _ClassVar[int]
     TRANSFERS_FAILED_FIELD_NUMBER: _ClassVar[int]
     TRANSFERS_EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: _common_pb2.WorkerRole
     address: str
@@ -112,7 +195,12 @@ class WorkerStatus(_message.Message):
     transfers_consumed: int
     transfers_failed: int
     transfers_expired: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., address: _Optional[str] = ..., kv_address: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., in_flight: _Optional[int] = ..., transfers_total: _Optional[int] = ..., transfers_consumed: _Optional[int] = ..., transfers_failed: _Optional[int] = ..., transfers_expired: _Optional[int] = ...) -> None: ...
+    prefix_source: str
+    cached_blocks: int
+    queued_prefill_tokens: int
+    running: int
+    engine: EngineLoad
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., address: _Optional[str] = ..., kv_address: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., in_flight: _Optional[int] = ..., transfers_total: _Optional[int] = ..., transfers_consumed: _Optional[int] = ..., transfers_failed: _Optional[int] = ..., transfers_expired: _Optional[int] = ..., prefix_source: _Optional[str] = ..., cached_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., running: _Optional[int] = ..., engine: _Optional[_Union[EngineLoad, _Mapping]] = ...) -> None: ...
 
 class KVBackendStatus(_message.Message):
     __slots__ = ("backend", "placed", "consumed", "failed", "recomputed", "expired", "bytes", "fallbacks")
@@ -134,10 +222,26 @@ class KVBackendStatus(_message.Message):
     fallbacks: int
     def __init__(self, backend: _Optional[str] = ..., placed: _Optional[int] = ..., consumed: _Optional[int] = ..., failed: _Optional[int] = ..., recomputed: _Optional[int] = ..., expired: _Optional[int] = ..., bytes: _Optional[int] = ..., fallbacks: _Optional[int] = ...) -> None: ...
 
+class PrefixIndexStatus(_message.Message):
+    __slots__ = ("predicted_tokens", "hit_tokens", "exact", "reported")
+    PREDICTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXACT_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_FIELD_NUMBER: _ClassVar[int]
+    predicted_tokens: int
+    hit_tokens: int
+    exact: int
+    reported: int
+    def __init__(self, predicted_tokens: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., exact: _Optional[int] = ..., reported: _Optional[int] = ...) -> None: ...
+
 class ListWorkersResponse(_message.Message):
-    __slots__ = ("workers", "kv_backends")
+    __slots__ = ("workers", "kv_backends", "prefix_index", "policy")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     KV_BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_INDEX_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     kv_backends: _containers.RepeatedCompositeFieldContainer[KVBackendStatus]
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., kv_backends: _Optional[_Iterable[_Union[KVBackendStatus, _Mapping]]] = ...) -> None: ...
+    prefix_index: PrefixIndexStatus
+    policy: str
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., kv_backends: _Optional[_Iterable[_Union[KVBackendStatus, _Mapping]]] = ..., prefix_index: _Optional[_Union[PrefixIndexStatus, _Mapping]] = ..., policy: _Optional[str] = ...) -> None: ...

@@ -41,10 +41,20 @@ class ControlPlaneStub:
                 request_serializer=baton_dot_v1_dot_control__plane__pb2.ScheduleRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_control__plane__pb2.Placement.FromString,
                 _registered_method=True)
+        self.ReportPrefillDone = channel.unary_unary(
+                '/baton.v1.ControlPlane/ReportPrefillDone',
+                request_serializer=baton_dot_v1_dot_control__plane__pb2.PrefillDone.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_control__plane__pb2.TransferReportAck.FromString,
+                _registered_method=True)
         self.ReportTransfer = channel.unary_unary(
                 '/baton.v1.ControlPlane/ReportTransfer',
                 request_serializer=baton_dot_v1_dot_control__plane__pb2.TransferReport.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_control__plane__pb2.TransferReportAck.FromString,
+                _registered_method=True)
+        self.ReportWorker = channel.stream_unary(
+                '/baton.v1.ControlPlane/ReportWorker',
+                request_serializer=baton_dot_v1_dot_control__plane__pb2.WorkerReport.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_control__plane__pb2.WorkerReportAck.FromString,
                 _registered_method=True)
         self.ListWorkers = channel.unary_unary(
                 '/baton.v1.ControlPlane/ListWorkers',
@@ -64,8 +74,23 @@ class ControlPlaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportPrefillDone(self, request, context):
+        """The router got the first token: the prefill worker's share of the
+        request is done (its load ends here, not when the decode does).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReportTransfer(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportWorker(self, request_iterator, context):
+        """Each worker streams its engine's KV cache events and load.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -84,10 +109,20 @@ def add_ControlPlaneServicer_to_server(servicer, server):
                     request_deserializer=baton_dot_v1_dot_control__plane__pb2.ScheduleRequest.FromString,
                     response_serializer=baton_dot_v1_dot_control__plane__pb2.Placement.SerializeToString,
             ),
+            'ReportPrefillDone': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportPrefillDone,
+                    request_deserializer=baton_dot_v1_dot_control__plane__pb2.PrefillDone.FromString,
+                    response_serializer=baton_dot_v1_dot_control__plane__pb2.TransferReportAck.SerializeToString,
+            ),
             'ReportTransfer': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportTransfer,
                     request_deserializer=baton_dot_v1_dot_control__plane__pb2.TransferReport.FromString,
                     response_serializer=baton_dot_v1_dot_control__plane__pb2.TransferReportAck.SerializeToString,
+            ),
+            'ReportWorker': grpc.stream_unary_rpc_method_handler(
+                    servicer.ReportWorker,
+                    request_deserializer=baton_dot_v1_dot_control__plane__pb2.WorkerReport.FromString,
+                    response_serializer=baton_dot_v1_dot_control__plane__pb2.WorkerReportAck.SerializeToString,
             ),
             'ListWorkers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWorkers,
@@ -135,6 +170,33 @@ class ControlPlane:
             _registered_method=True)
 
     @staticmethod
+    def ReportPrefillDone(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.ControlPlane/ReportPrefillDone',
+            baton_dot_v1_dot_control__plane__pb2.PrefillDone.SerializeToString,
+            baton_dot_v1_dot_control__plane__pb2.TransferReportAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ReportTransfer(request,
             target,
             options=(),
@@ -151,6 +213,33 @@ class ControlPlane:
             '/baton.v1.ControlPlane/ReportTransfer',
             baton_dot_v1_dot_control__plane__pb2.TransferReport.SerializeToString,
             baton_dot_v1_dot_control__plane__pb2.TransferReportAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportWorker(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/baton.v1.ControlPlane/ReportWorker',
+            baton_dot_v1_dot_control__plane__pb2.WorkerReport.SerializeToString,
+            baton_dot_v1_dot_control__plane__pb2.WorkerReportAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,7 +4,8 @@ scorers rate the rest, a picker chooses. Policies are named configurations
 of it (``policies.py``), one filter, scorer or picker per module."""
 
 from control_plane.scheduling.pipeline import NoWorker, Scheduler
-from control_plane.scheduling.policies import POLICIES, make_scheduler
-from control_plane.scheduling.request import Candidate, SchedulingRequest
+from control_plane.scheduling.policies import DEFAULT_POLICY, POLICIES, make_scheduler
+from control_plane.scheduling.request import Candidate, EngineReport, SchedulingRequest
 
-__all__ = ["POLICIES", "Candidate", "NoWorker", "Scheduler", "SchedulingRequest", "make_scheduler"]
+__all__ = ["DEFAULT_POLICY", "POLICIES", "Candidate", "EngineReport", "NoWorker", "Scheduler", "SchedulingRequest",
+           "make_scheduler"]

@@ -21,8 +21,10 @@ class NoWorker(Exception):
 class Filter(Protocol):
     name: str
     client_error: bool  # a request this filter leaves without workers asked for the impossible
+    soft: bool  # a preference: if it would leave no worker, it leaves all of them
 
-    def keep(self, request: SchedulingRequest, candidate: Candidate) -> bool: ...
+    def keep(self, request: SchedulingRequest, candidate: Candidate, pool: Sequence[Candidate]) -> bool:
+        """Whether ``candidate`` (one of ``pool``, what earlier filters left) stays."""
 
     def why_none(self, request: SchedulingRequest) -> str:
         """Why no candidate is left after this filter, for the client."""
@@ -55,9 +57,10 @@ class Scheduler:
         if not pool:
             raise NoWorker("no live worker")
         for f in self.filters:
-            pool = [c for c in pool if f.keep(request, c)]
-            if not pool:
+            kept = [c for c in pool if f.keep(request, c, pool)]
+            if not kept and not f.soft:
                 raise NoWorker(f.why_none(request), f.client_error)
+            pool = kept or pool
         totals = dict.fromkeys((c.worker_id for c in pool), 0.0)
         for scorer, weight in self.scorers:
             for worker_id, value in scorer.score(request, pool).items():

@@ -12,6 +12,16 @@ class SchedulingRequest:
     model: str = ""  # served model name; empty: any
     prompt_tokens: int = 0
     required_labels: dict[str, str] = field(default_factory=dict)  # every one must match the worker's
+    max_tokens: int = 0  # of the answer
+
+
+@dataclass(frozen=True)
+class EngineReport:
+    """A worker's engine, as it last reported itself."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0  # fraction of its KV blocks in use
 
 
 @dataclass(frozen=True)
@@ -20,7 +30,15 @@ class Candidate:
     model: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     in_flight: int = 0  # placements handed out and not yet reported back
+    cached_tokens: int = 0  # of this request's prompt, in the worker's prefix cache (the index says)
+    queued_prefill_tokens: int = 0  # prefill: uncached prompt tokens placed and not yet prefilled
+    running: int = 0  # decode: sequences placed and not yet ended
+    decode_tokens: int = 0  # decode: their prompt + answer tokens, the KV they hold
+    engine: EngineReport | None = None  # None: the engine never reported
 
     @classmethod
-    def of(cls, worker: WorkerRecord, in_flight: int = 0) -> Candidate:
-        return cls(worker.worker_id, worker.model, dict(worker.labels), in_flight)
+    def of(cls, worker: WorkerRecord, in_flight: int = 0, **load) -> Candidate:
+        return cls(worker.worker_id, worker.model, dict(worker.labels), in_flight, **load)
+
+    def uncached_tokens(self, request: SchedulingRequest) -> int:
+        return max(0, request.prompt_tokens - self.cached_tokens)

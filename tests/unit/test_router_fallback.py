@@ -2,6 +2,7 @@
 round-robin over its own registry view."""
 
 import pytest
+from vllm import SamplingParams
 
 from baton.errors import ClientError, NoCapacityError
 from baton.registry import WorkerRecord
@@ -28,7 +29,7 @@ async def test_fallback_when_the_control_plane_is_down():
     registry = FakeRegistry([worker("p0", "prefill"), worker("d0", "decode"), worker("d1", "decode")])
     # Nothing listens on this port: Schedule fails with UNAVAILABLE.
     pipeline = Pipeline(f"127.0.0.1:{free_port()}", registry, "m", Metrics(), timeout_s=5)
-    request = EngineRequest("r", [1, 2, 3], None)
+    request = EngineRequest("r", [1, 2, 3], SamplingParams(max_tokens=4))
     try:
         first = await pipeline._schedule(request)
         second = await pipeline._schedule(request)
@@ -42,7 +43,7 @@ async def test_no_fallback_without_workers():
     pipeline = Pipeline("127.0.0.1:1", FakeRegistry([]), "m", Metrics(), timeout_s=5)
     try:
         with pytest.raises(NoCapacityError):
-            await pipeline._schedule(EngineRequest("r", [1], None))
+            await pipeline._schedule(EngineRequest("r", [1], SamplingParams(max_tokens=4)))
     finally:
         await pipeline.close()
 
@@ -57,9 +58,9 @@ async def test_the_fallback_keeps_to_the_required_labels():
     pipeline = Pipeline(f"127.0.0.1:{free_port()}", registry, "m", Metrics(), timeout_s=5)
     try:
         for _ in range(3):
-            placed = await pipeline._schedule(EngineRequest("r", [1, 2], None, required_labels={"region": "eu"}))
+            placed = await pipeline._schedule(EngineRequest("r", [1, 2], SamplingParams(max_tokens=4), required_labels={"region": "eu"}))
             assert (placed.prefill.worker_id, placed.decode.worker_id) == ("p0", "d1")
         with pytest.raises(ClientError, match="region=mars"):
-            await pipeline._schedule(EngineRequest("r", [1], None, required_labels={"region": "mars"}))
+            await pipeline._schedule(EngineRequest("r", [1], SamplingParams(max_tokens=4), required_labels={"region": "mars"}))
     finally:
         await pipeline.close()

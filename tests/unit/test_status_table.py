@@ -18,3 +18,26 @@ def test_the_table_shows_labels_counters_and_backends():
     assert " - " in prefill and "control plane unreachable" in prefill
     assert "KV BACKEND" in table and "4096" in table
     assert render_table({"workers": [], "kv_backends": None}) == "no workers registered"
+
+
+def test_the_table_shows_the_prefix_index_and_load_per_worker():
+    engine = {"running": 2, "waiting": 1, "kv_cache_usage": 0.25, "prefix_cache_queries": 900,
+              "prefix_cache_hits": 512}
+    status = {"policy": "kv-aware", "workers": [
+        {"worker_id": "prefill-0", "role": "prefill", "address": "a:1", "state": "ready", "model": "m",
+         "labels": {}, "transfers": {"total": 1, "consumed": 1, "failed": 0, "expired": 0, "in_flight": 0},
+         "scheduling": {"prefix_source": "events", "cached_blocks": 7, "queued_prefill_tokens": 321,
+                        "running": 0, "engine": engine}},
+        {"worker_id": "decode-0", "role": "decode", "address": "a:2", "state": "ready", "model": "m",
+         "labels": {}, "transfers": {"total": 1, "consumed": 1, "failed": 0, "expired": 0, "in_flight": 0},
+         "scheduling": {"prefix_source": "history", "cached_blocks": 3, "queued_prefill_tokens": 0,
+                        "running": 4, "engine": None}}],
+        "kv_backends": None,
+        "prefix_index": {"predicted_tokens": 512, "hit_tokens": 512, "exact": 3, "reported": 4}}
+    table = render_table(status)
+    assert "policy: kv-aware" in table
+    prefill = [line for line in table.splitlines() if line.startswith("prefill-0")][1]
+    assert "events, 7 blocks" in prefill and "321" in prefill and "kv=25%" in prefill and "512/900" in prefill
+    decode = [line for line in table.splitlines() if line.startswith("decode-0")][1]
+    assert "history, 3 blocks" in decode and "not reported" in decode
+    assert "exact in 3 of 4 placements" in table

@@ -3,14 +3,17 @@ a request that must stay in a region is never placed outside it)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from control_plane.scheduling.request import Candidate, SchedulingRequest
 
 
 class HasLabels:
     name = "has-labels"
     client_error = True
+    soft = False
 
-    def keep(self, request: SchedulingRequest, candidate: Candidate) -> bool:
+    def keep(self, request: SchedulingRequest, candidate: Candidate, pool: Sequence[Candidate]) -> bool:
         return all(candidate.labels.get(key) == value for key, value in request.required_labels.items())
 
     def why_none(self, request: SchedulingRequest) -> str:
