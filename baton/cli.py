@@ -42,6 +42,8 @@ _ROUTER_FLAGS: list[tuple[str, str, type, str]] = [
 _CONTROL_PLANE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--policy", "policy", str, "placement policy: kv-aware (default), least-loaded, round-robin"),
     ("--kv-backend", "kv_backend", str, "how KV moves: nixl (default), collective, grpc"),
+    ("--disaggregation", "disaggregation", str,
+     "auto (default: the decode worker prefills when predicted faster) or always"),
 ]
 _UP_FLAGS = _COMMON_FLAGS + _CONTROL_PLANE_FLAGS + [
     ("--http-port", "http_port", int, "OpenAI-compatible HTTP port"),

@@ -73,6 +73,10 @@ class Settings:
     send/recv: Gloo on CPU, NCCL on GPU) or "grpc" (needs nothing else).
     A pair that cannot use it falls back to grpc, logged at warning."""
     policy: str = "kv-aware"
+    disaggregation: str = "auto"
+    """"auto": a decode worker prefills a prompt itself when that is predicted
+    faster (little of it uncached there, or the prefill pool backed up);
+    "always": every prompt runs on a prefill worker while one is live."""
     """Placement: "kv-aware" (prefix cache and per-phase load), "least-loaded" or "round-robin"."""
     transfer_ttl_s: float = 330.0
     """Transfers not reported consumed or failed within this are expired;
@@ -148,6 +152,8 @@ def _validate(s: Settings) -> None:
     from kv_transfer.transport import check_backend
 
     check_backend(s.kv_backend)
+    if s.disaggregation not in ("auto", "always"):
+        raise ValueError(f"disaggregation must be 'auto' or 'always', not {s.disaggregation!r}")
     if s.transfer_ttl_s <= s.request_timeout_s:
         raise ValueError("transfer_ttl_s must exceed request_timeout_s, or running requests expire")
 

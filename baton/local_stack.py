@@ -86,7 +86,8 @@ class LocalStack:
             self.etcd_endpoint = self.etcd.endpoint
         common = self._common()
         self._spawn("control-plane", ["control-plane", *common, "--policy", self.settings.policy,
-                                      "--kv-backend", self.settings.kv_backend])
+                                      "--kv-backend", self.settings.kv_backend,
+                                      "--disaggregation", self.settings.disaggregation])
         cores = _cpu_plan(self.n_prefill + self.n_decode)
         kv_gib = str(self.settings.kv_cache_gib)
         for i in range(self.n_prefill):

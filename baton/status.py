@@ -18,7 +18,7 @@ async def collect_status(settings: Settings) -> dict:
     except Exception as exc:  # aetcd raises its own hierarchy; all mean "no registry"
         raise RuntimeError(f"cannot read the registry from etcd at {settings.etcd_endpoint}: {exc}") from exc
     counters: dict[str, control_plane_pb2.WorkerStatus] = {}
-    backends = prefix_index = policy = None
+    backends = prefix_index = policy = decisions = None
     reachable = True
     async with channel(settings.control_plane_address) as ch:
         try:
@@ -29,6 +29,7 @@ async def collect_status(settings: Settings) -> dict:
                         for b in response.kv_backends}
             prefix_index = {field: getattr(response.prefix_index, field) for field in _PREFIX_FIELDS}
             policy = response.policy
+            decisions = dict(sorted(response.decisions.items()))
         except grpc.aio.AioRpcError:
             reachable = False
     rows = []
@@ -46,7 +47,8 @@ async def collect_status(settings: Settings) -> dict:
             "engine": {field: getattr(c.engine, field) for field in _ENGINE_FIELDS}
             if c and c.HasField("engine") else None}
         rows.append(row)
-    return {"workers": rows, "kv_backends": backends, "prefix_index": prefix_index, "policy": policy}
+    return {"workers": rows, "kv_backends": backends, "prefix_index": prefix_index, "policy": policy,
+            "decisions": decisions}
 
 
 _BACKEND_FIELDS = ("placed", "consumed", "failed", "recomputed", "expired", "bytes", "fallbacks")
@@ -68,7 +70,8 @@ def render_table(status: dict) -> str:
         lines.append(f"{r['worker_id']:<20} {r['role']:<8} {r['address']:<22} {r['state']:<6} {r['model']:<24} "
                      f"{labels:<20} {counts}")
     if any(r.get("scheduling") for r in rows):
-        lines += ["", f"policy: {status.get('policy') or '-'}",
+        decided = ", ".join(f"{reason} {count}" for reason, count in (status.get("decisions") or {}).items())
+        lines += ["", f"policy: {status.get('policy') or '-'}; placements: {decided or 'none yet'}",
                   f"{'WORKER':<20} {'PREFIX INDEX':<22} {'QUEUED PREFILL':>14} {'RUNNING':>8}  ENGINE"]
         for r in rows:
             sched = r.get("scheduling")

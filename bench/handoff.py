@@ -79,7 +79,8 @@ def run_vllm(args, log_dir: Path) -> dict:
 
 def run_baton(args, log_dir: Path) -> dict:
     """Every backend on the same engines, one after the other."""
-    with baton_up(log_dir / "baton", "--max-model-len", str(MAX_MODEL_LEN)) as base:
+    # Every prompt on the prefill worker: the hand-off is what is measured.
+    with baton_up(log_dir / "baton", "--max-model-len", str(MAX_MODEL_LEN), "--disaggregation", "always") as base:
         return {backend: measure(base, args.lengths, args.requests, args.output_tokens, backend, 100 * (i + 1))
                 for i, backend in enumerate(args.backends)}
 

@@ -13,6 +13,7 @@ from baton.telemetry import setup_tracing
 from baton.v1 import control_plane_pb2_grpc
 from baton.worker import wait_for_signal
 from control_plane.scheduling import make_scheduler
+from control_plane.scheduling.disaggregation import Disaggregation
 from control_plane.service import SERVICE_NAME, ControlPlaneServicer
 from control_plane.transfers import TransferTable
 
@@ -26,14 +27,15 @@ async def serve(settings: Settings) -> None:
     registry = RegistryWatcher(settings.etcd_endpoint, settings.etcd_prefix)
     await registry.start()
     servicer = ControlPlaneServicer(registry, schedulers, TransferTable(settings.transfer_ttl_s), settings.kv_backend,
-                                    settings.policy)
+                                    settings.policy, Disaggregation(enabled=settings.disaggregation == "auto"))
     port = int(settings.control_plane_address.rpartition(":")[2])
     server, bound, _ = await start_server(
         "control-plane",
         [ServiceBinding(SERVICE_NAME, control_plane_pb2_grpc.add_ControlPlaneServicer_to_server, servicer)],
         settings.host, port)
     expiry = asyncio.create_task(servicer.run_expiry(), name="transfer-expiry")
-    log.info("control plane serving", port=bound, policy=settings.policy, kv_backend=settings.kv_backend)
+    log.info("control plane serving", port=bound, policy=settings.policy, kv_backend=settings.kv_backend,
+             disaggregation=settings.disaggregation)
     try:
         await wait_for_signal()
     finally:

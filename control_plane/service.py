@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 
 import grpc
 
@@ -14,6 +15,7 @@ from baton.v1 import common_pb2, control_plane_pb2, control_plane_pb2_grpc
 from control_plane.kv_backend import choose_backend
 from control_plane.prefix_index import Cleared, PrefixIndex, Removed, Stored, block_keys
 from control_plane.scheduling import Candidate, EngineReport, NoWorker, Scheduler, SchedulingRequest
+from control_plane.scheduling.disaggregation import DISAGGREGATED, REQUESTED, Disaggregation
 from control_plane.transfers import TransferState, TransferTable
 from kv_transfer.transport import BACKENDS, FALLBACK_BACKEND
 
@@ -25,6 +27,7 @@ _OUTCOME = {
     control_plane_pb2.TRANSFER_OUTCOME_CONSUMED: TransferState.CONSUMED,
     control_plane_pb2.TRANSFER_OUTCOME_FAILED: TransferState.FAILED,
     control_plane_pb2.TRANSFER_OUTCOME_RECOMPUTED: TransferState.FAILED,
+    control_plane_pb2.TRANSFER_OUTCOME_LOCAL: TransferState.LOCAL,
 }
 
 
@@ -56,7 +59,8 @@ class _PromptKeys:
 
 class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
     def __init__(self, registry: RegistryWatcher, schedulers: dict[str, Scheduler],
-                 transfers: TransferTable, kv_backend: str = FALLBACK_BACKEND, policy: str = ""):
+                 transfers: TransferTable, kv_backend: str = FALLBACK_BACKEND, policy: str = "",
+                 disaggregation: Disaggregation | None = None):
         """``schedulers`` maps role → pipeline; one instance per role so that
         the rotation state of one pool never skews the other. ``kv_backend``:
         the deployment's transfer backend."""
@@ -65,6 +69,8 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
         self._transfers = transfers
         self._kv_backend = kv_backend
         self._policy = policy
+        self._disaggregation = disaggregation or Disaggregation()
+        self._decisions: Counter = Counter()  # placements by decision
         self._prefixes = PrefixIndex()
         self._engines: dict[str, EngineReport] = {}
         self._engine_reports: dict[str, control_plane_pb2.EngineLoad] = {}
@@ -110,44 +116,65 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
         keys, now = _PromptKeys(request.prompt_token_ids), time.monotonic()
         try:
             decode_pick = self._pick("decode", wanted_request, keys, now)
-            prefill_pick = self._pick("prefill", wanted_request, keys, now)
+            try:
+                prefill_pick = self._pick("prefill", wanted_request, keys, now)
+            except NoWorker:
+                if request.HasField("remote_prefill") and request.remote_prefill:
+                    raise
+                prefill_pick = None  # the decode worker serves alone
         except NoWorker as exc:
             # A constraint nothing can meet is the client's; no worker at all
             # is capacity (not UNAVAILABLE: that would mean the control
             # plane itself is down).
             code = grpc.StatusCode.FAILED_PRECONDITION if exc.client_error else grpc.StatusCode.RESOURCE_EXHAUSTED
             await context.abort(code, str(exc))
-        prefill, decode = self._registry.workers[prefill_pick.worker_id], self._registry.workers[decode_pick.worker_id]
-        backend = choose_backend(wanted, prefill, decode)
-        transfer = self._transfers.open(request.request_id, prefill.worker_id, decode.worker_id, now,
-                                        backend, fallback=backend != wanted,
-                                        prefill_tokens=prefill_pick.uncached_tokens(wanted_request),
+        if request.HasField("remote_prefill") and prefill_pick is not None:
+            decision = REQUESTED
+            if not request.remote_prefill:
+                prefill_pick = None
+        else:
+            decision = self._disaggregation.decide(wanted_request, prefill_pick, decode_pick)
+            if decision != DISAGGREGATED:
+                prefill_pick = None
+        self._decisions[decision] += 1
+        decode = self._registry.workers[decode_pick.worker_id]
+        prefill = self._registry.workers[prefill_pick.worker_id] if prefill_pick else None
+        backend = choose_backend(wanted, prefill, decode) if prefill else ""
+        transfer = self._transfers.open(request.request_id, prefill.worker_id if prefill else "", decode.worker_id,
+                                        now, backend, fallback=bool(prefill) and backend != wanted,
+                                        prefill_tokens=prefill_pick.uncached_tokens(wanted_request) if prefill_pick
+                                        else 0,
                                         decode_tokens=prompt_tokens + request.max_tokens,
-                                        predicted_cached=prefill_pick.cached_tokens)
+                                        predicted_cached=prefill_pick.cached_tokens if prefill_pick else 0)
         # Both will hold the prompt's blocks: the prefill worker computes
-        # them, the decode worker loads them.
-        for worker in (prefill, decode):
+        # them, the decode worker loads them (or computes them itself).
+        for worker in filter(None, (prefill, decode)):
             self._prefixes.placed(worker.worker_id, keys.at(self._prefixes.block_size(worker.worker_id)), now)
-        if backend != wanted:
+        if prefill and backend != wanted:
             # Loud and counted: a silent fallback costs users days.
             log.warning("KV backend not offered by this pair; falling back", wanted=wanted, using=backend,
                         prefill=prefill.worker_id, decode=decode.worker_id,
                         fallbacks=self._transfers.by_backend[backend]["fallbacks"])
-        log.info("placed", prefill=prefill.worker_id, decode=decode.worker_id, transfer_id=transfer.transfer_id,
-                 prompt_tokens=prompt_tokens, kv_backend=backend, prefill_cached_tokens=prefill_pick.cached_tokens,
+        log.info("placed", prefill=prefill.worker_id if prefill else "", decode=decode.worker_id,
+                 transfer_id=transfer.transfer_id, prompt_tokens=prompt_tokens, kv_backend=backend,
+                 decision=decision, prefill_cached_tokens=prefill_pick.cached_tokens if prefill_pick else 0,
                  decode_cached_tokens=decode_pick.cached_tokens,
-                 queued_prefill_tokens=prefill_pick.queued_prefill_tokens)
-        return control_plane_pb2.Placement(
-            prefill=control_plane_pb2.WorkerEndpoint(worker_id=prefill.worker_id, address=prefill.address,
-                                                     kv_endpoint=prefill.kv_endpoints.get(backend, "")),
+                 queued_prefill_tokens=prefill_pick.queued_prefill_tokens if prefill_pick else 0)
+        placement = control_plane_pb2.Placement(
             decode=control_plane_pb2.WorkerEndpoint(worker_id=decode.worker_id, address=decode.address,
                                                     kv_address=decode.kv_address,
                                                     kv_endpoint=decode.kv_endpoints.get(backend, "")),
             transfer_id=transfer.transfer_id,
             kv_backend=backend,
-            prefill_cached_tokens=prefill_pick.cached_tokens,
             decode_cached_tokens=decode_pick.cached_tokens,
+            decision=decision,
         )
+        if prefill:
+            placement.prefill.CopyFrom(control_plane_pb2.WorkerEndpoint(
+                worker_id=prefill.worker_id, address=prefill.address,
+                kv_endpoint=prefill.kv_endpoints.get(backend, "")))
+            placement.prefill_cached_tokens = prefill_pick.cached_tokens
+        return placement
 
     async def ReportPrefillDone(self, request: control_plane_pb2.PrefillDone, context):
         transfer = self._transfers.prefill_done(request.transfer_id, request.cached_tokens)
@@ -177,7 +204,8 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
     async def ReportTransfer(self, request: control_plane_pb2.TransferReport, context):
         state = _OUTCOME.get(request.outcome)
         if state is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "outcome must be CONSUMED, FAILED or RECOMPUTED")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "outcome must be CONSUMED, FAILED, RECOMPUTED or LOCAL")
         recomputed = request.outcome == control_plane_pb2.TRANSFER_OUTCOME_RECOMPUTED
         closed = self._transfers.close(request.transfer_id, state, request.bytes, request.tokens, recomputed)
         if closed is None:
@@ -215,6 +243,7 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
             predicted_tokens=prefix["predicted_tokens"], hit_tokens=prefix["hit_tokens"], exact=prefix["exact"],
             reported=prefix["reported"]))
         response.policy = self._policy
+        response.decisions.update(self._decisions)
         return response
 
     async def run_expiry(self, interval_s: float = 1.0) -> None:

@@ -1,7 +1,8 @@
 """Transfer bookkeeping: every placement allocates a transfer id, tracked
 until reported consumed or failed, or expired after ``ttl_s``. Forward-only:
-PLACED → CONSUMED | FAILED | EXPIRED. Pure: time is passed in.
-Counted per worker and per KV backend.
+PLACED → CONSUMED | FAILED | EXPIRED, or LOCAL for a placement without a
+prefill worker (the decode worker prefilled; nothing moved). Pure: time is
+passed in. Counted per worker and per KV backend.
 
 The open transfers are also the load the control plane has handed out, per
 phase: a prefill worker owes the uncached prompt tokens of its placements
@@ -21,6 +22,7 @@ class TransferState(enum.Enum):
     CONSUMED = "consumed"
     FAILED = "failed"
     EXPIRED = "expired"
+    LOCAL = "local"
 
 
 @dataclass
@@ -60,12 +62,14 @@ class TransferTable:
                             prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
                             predicted_cached=predicted_cached)
         self._open[transfer.transfer_id] = transfer
-        for worker in (prefill_id, decode_id):
+        for worker in filter(None, (prefill_id, decode_id)):
             self.counters.setdefault(worker, Counter())["total"] += 1
-        counts = self.by_backend.setdefault(backend, Counter())
-        counts["placed"] += 1
-        counts["fallbacks"] += fallback
-        self._load.setdefault(prefill_id, Counter())["prefill_tokens"] += prefill_tokens
+        if backend:  # none: nothing moves
+            counts = self.by_backend.setdefault(backend, Counter())
+            counts["placed"] += 1
+            counts["fallbacks"] += fallback
+        if prefill_id:
+            self._load.setdefault(prefill_id, Counter())["prefill_tokens"] += prefill_tokens
         decode = self._load.setdefault(decode_id, Counter())
         decode["running"] += 1
         decode["decode_tokens"] += decode_tokens
@@ -86,7 +90,8 @@ class TransferTable:
 
     def _end_prefill(self, transfer: Transfer) -> None:
         transfer.prefill_done = True
-        self._load[transfer.prefill_id]["prefill_tokens"] -= transfer.prefill_tokens
+        if transfer.prefill_id:
+            self._load[transfer.prefill_id]["prefill_tokens"] -= transfer.prefill_tokens
 
     def close(self, transfer_id: str, state: TransferState, nbytes: int = 0, tokens: int = 0,
               recomputed: bool = False) -> Transfer | None:
@@ -100,12 +105,13 @@ class TransferTable:
         decode = self._load[transfer.decode_id]
         decode["running"] -= 1
         decode["decode_tokens"] -= transfer.decode_tokens
-        for worker in (transfer.prefill_id, transfer.decode_id):
+        for worker in filter(None, (transfer.prefill_id, transfer.decode_id)):
             self.counters.setdefault(worker, Counter())[state.value] += 1
-        counts = self.by_backend.setdefault(transfer.backend, Counter())
-        counts[state.value] += 1
-        counts["recomputed"] += recomputed
-        counts["bytes"] += nbytes
+        if transfer.backend:
+            counts = self.by_backend.setdefault(transfer.backend, Counter())
+            counts[state.value] += 1
+            counts["recomputed"] += recomputed
+            counts["bytes"] += nbytes
         return transfer
 
     def expire(self, now_s: float) -> list[Transfer]:

@@ -43,13 +43,26 @@ def _finish_reason(reason: int):
             common_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH}.get(reason, FinishReason.ABORT)
 
 
+def _asked(params) -> dict:
+    """The request body's ``kv_transfer_params`` (vLLM passes them along in
+    ``extra_args``)."""
+    asked = ((params.extra_args or {}).get("kv_transfer_params") or {}) if params is not None else {}
+    return asked if isinstance(asked, dict) else {}
+
+
 def requested_kv_backend(params) -> str:
     """A client may pick the transfer backend of its request with
-    ``"kv_transfer_params": {"kv_backend": "grpc"}`` (vLLM passes the body's
-    ``kv_transfer_params`` along in ``extra_args``); the control plane checks it."""
-    asked = ((params.extra_args or {}).get("kv_transfer_params") or {}) if params is not None else {}
-    backend = asked.get("kv_backend", "") if isinstance(asked, dict) else ""
+    ``"kv_transfer_params": {"kv_backend": "grpc"}``; the control plane checks it."""
+    backend = _asked(params).get("kv_backend", "")
     return backend if isinstance(backend, str) else ""
+
+
+def requested_remote_prefill(params) -> bool | None:
+    """vLLM's own ``"kv_transfer_params": {"do_remote_prefill": true}``: the
+    client wants the prompt run on a prefill worker (false: on the decode
+    worker); absent, the control plane decides."""
+    asked = _asked(params).get("do_remote_prefill")
+    return asked if isinstance(asked, bool) else None
 
 
 def to_engine_output(request_id: str, step: Step) -> EngineCoreOutput:
@@ -111,9 +124,10 @@ class ClusterEngineCore:
         return {}  # the workers' engines publish their own
 
     async def add_request_async(self, request: EngineCoreRequest) -> None:
-        engine_request = EngineRequest(request.request_id, list(request.prompt_token_ids),
-                                       request.sampling_params, requested_kv_backend(request.sampling_params),
-                                       constraints.required_labels())
+        params = request.sampling_params
+        engine_request = EngineRequest(request.request_id, list(request.prompt_token_ids), params,
+                                       requested_kv_backend(params), constraints.required_labels(),
+                                       requested_remote_prefill(params))
         task = asyncio.create_task(self._run(engine_request), name=f"request-{request.request_id}")
         self._running[request.request_id] = task
         task.add_done_callback(lambda _t: self._running.pop(request.request_id, None))

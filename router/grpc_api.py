@@ -101,6 +101,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if not prompt_ids:
                 raise _InvalidRequest("the prompt is empty")
             params = sampling_params(request.sampling, self._defaults)
+            if request.HasField("remote_prefill"):  # where HTTP clients put it, vLLM's own field
+                params.extra_args = {**(params.extra_args or {}),
+                                     "kv_transfer_params": {"do_remote_prefill": request.remote_prefill}}
             max_model_len = self._engine.model_config.max_model_len
             room = max_model_len - len(prompt_ids)
             if room < 1:

@@ -71,6 +71,7 @@ class EngineRequest:
     params: SamplingParams  # max_tokens resolved
     kv_backend: str = ""  # asked for by the client; empty: the deployment's default
     required_labels: dict[str, str] = field(default_factory=dict)  # only workers carrying them may serve it
+    remote_prefill: bool | None = None  # the client's choice of where the prompt runs; None: the control plane's
 
 
 class _FirstTokenMismatch(Exception):
@@ -113,14 +114,14 @@ class Pipeline:
         await self._channels.close()
 
     async def _schedule(self, request: EngineRequest) -> control_plane_pb2.Placement:
+        message = control_plane_pb2.ScheduleRequest(
+            request_id=request.request_id, model=self._model_name, prompt_tokens=len(request.prompt_token_ids),
+            prompt_token_ids=request.prompt_token_ids, max_tokens=request.params.max_tokens or 0,
+            kv_backend=request.kv_backend, required_labels=request.required_labels)
+        if request.remote_prefill is not None:
+            message.remote_prefill = request.remote_prefill
         try:
-            return await self._control_plane.Schedule(
-                control_plane_pb2.ScheduleRequest(request_id=request.request_id, model=self._model_name,
-                                                  prompt_tokens=len(request.prompt_token_ids),
-                                                  prompt_token_ids=request.prompt_token_ids,
-                                                  max_tokens=request.params.max_tokens or 0,
-                                                  kv_backend=request.kv_backend,
-                                                  required_labels=request.required_labels), timeout=5)
+            return await self._control_plane.Schedule(message, timeout=5)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:  # reachable, but it said no
                 raise from_rpc_error(exc, "control plane") from exc
@@ -173,13 +174,14 @@ class Pipeline:
         started = time.monotonic()
         placement = await self._schedule_shielded(request)
         max_tokens = request.params.max_tokens
+        local = not placement.prefill.worker_id  # placed so: the decode worker prefills, nothing moves
         # A one-token answer needs no decode, so nothing to hand over.
-        pushed_id = placement.transfer_id if max_tokens > 1 else ""
+        pushed_id = placement.transfer_id if max_tokens > 1 and not local else ""
         handed_to_decode = False
         outcome = common_pb2.KVLoadStats()  # the decode's own report, on its last message
         try:
-            first = await self._prefill(request, placement, pushed_id)
-            if first is None:  # prefill worker unreachable: decode prefills locally
+            first = None if local else await self._prefill(request, placement, pushed_id)
+            if first is None:  # placed so, or the prefill worker is unreachable: decode prefills locally
                 self._free_staged(placement, pushed_id)
                 handed_to_decode = True
                 async with contextlib.aclosing(self._decode(request, placement, "", started, outcome)) as steps:
@@ -225,7 +227,10 @@ class Pipeline:
         finally:
             # Ended before decode (first token was the last, prefill failed,
             # client gone): close the transfer and free any KV already pushed.
-            if not handed_to_decode:
+            if local:
+                self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_LOCAL,
+                             detail="the decode worker prefilled, as placed")
+            elif not handed_to_decode:
                 self._free_staged(placement, pushed_id)
                 self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
                              detail="ended before decode")

@@ -14,13 +14,15 @@ class TransferOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSFER_OUTCOME_CONSUMED: _ClassVar[TransferOutcome]
     TRANSFER_OUTCOME_FAILED: _ClassVar[TransferOutcome]
     TRANSFER_OUTCOME_RECOMPUTED: _ClassVar[TransferOutcome]
+    TRANSFER_OUTCOME_LOCAL: _ClassVar[TransferOutcome]
 TRANSFER_OUTCOME_UNSPECIFIED: TransferOutcome
 TRANSFER_OUTCOME_CONSUMED: TransferOutcome
 TRANSFER_OUTCOME_FAILED: TransferOutcome
 TRANSFER_OUTCOME_RECOMPUTED: TransferOutcome
+TRANSFER_OUTCOME_LOCAL: TransferOutcome
 
 class ScheduleRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt_tokens", "kv_backend", "required_labels", "prompt_token_ids", "max_tokens")
+    __slots__ = ("request_id", "model", "prompt_tokens", "kv_backend", "required_labels", "prompt_token_ids", "max_tokens", "remote_prefill")
     class RequiredLabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +37,7 @@ class ScheduleRequest(_message.Message):
     REQUIRED_LABELS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_PREFILL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_tokens: int
@@ -42,7 +45,8 @@ class ScheduleRequest(_message.Message):
     required_labels: _containers.ScalarMap[str, str]
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     max_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., kv_backend: _Optional[str] = ..., required_labels: _Optional[_Mapping[str, str]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    remote_prefill: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., kv_backend: _Optional[str] = ..., required_labels: _Optional[_Mapping[str, str]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., remote_prefill: _Optional[bool] = ...) -> None: ...
 
 class WorkerEndpoint(_message.Message):
     __slots__ = ("worker_id", "address", "kv_address", "kv_endpoint")
@@ -57,20 +61,22 @@ class WorkerEndpoint(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., kv_address: _Optional[str] = ..., kv_endpoint: _Optional[str] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("prefill", "decode", "transfer_id", "kv_backend", "prefill_cached_tokens", "decode_cached_tokens")
+    __slots__ = ("prefill", "decode", "transfer_id", "kv_backend", "prefill_cached_tokens", "decode_cached_tokens", "decision")
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     KV_BACKEND_FIELD_NUMBER: _ClassVar[int]
     PREFILL_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DECODE_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
     prefill: WorkerEndpoint
     decode: WorkerEndpoint
     transfer_id: str
     kv_backend: str
     prefill_cached_tokens: int
     decode_cached_tokens: int
-    def __init__(self, prefill: _Optional[_Union[WorkerEndpoint, _Mapping]] = ..., decode: _Optional[_Union[WorkerEndpoint, _Mapping]] = ..., transfer_id: _Optional[str] = ..., kv_backend: _Optional[str] = ..., prefill_cached_tokens: _Optional[int] = ..., decode_cached_tokens: _Optional[int] = ...) -> None: ...
+    decision: str
+    def __init__(self, prefill: _Optional[_Union[WorkerEndpoint, _Mapping]] = ..., decode: _Optional[_Union[WorkerEndpoint, _Mapping]] = ..., transfer_id: _Optional[str] = ..., kv_backend: _Optional[str] = ..., prefill_cached_tokens: _Optional[int] = ..., decode_cached_tokens: _Optional[int] = ..., decision: _Optional[str] = ...) -> None: ...
 
 class PrefillDone(_message.Message):
     __slots__ = ("transfer_id", "cached_tokens")
@@ -235,13 +241,22 @@ class PrefixIndexStatus(_message.Message):
     def __init__(self, predicted_tokens: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., exact: _Optional[int] = ..., reported: _Optional[int] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
-    __slots__ = ("workers", "kv_backends", "prefix_index", "policy")
+    __slots__ = ("workers", "kv_backends", "prefix_index", "policy", "decisions")
+    class DecisionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     KV_BACKENDS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_INDEX_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     kv_backends: _containers.RepeatedCompositeFieldContainer[KVBackendStatus]
     prefix_index: PrefixIndexStatus
     policy: str
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., kv_backends: _Optional[_Iterable[_Union[KVBackendStatus, _Mapping]]] = ..., prefix_index: _Optional[_Union[PrefixIndexStatus, _Mapping]] = ..., policy: _Optional[str] = ...) -> None: ...
+    decisions: _containers.ScalarMap[str, int]
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., kv_backends: _Optional[_Iterable[_Union[KVBackendStatus, _Mapping]]] = ..., prefix_index: _Optional[_Union[PrefixIndexStatus, _Mapping]] = ..., policy: _Optional[str] = ..., decisions: _Optional[_Mapping[str, int]] = ...) -> None: ...

@@ -5,6 +5,7 @@ flags: the reference every parity test compares with."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -40,9 +41,10 @@ class Stack:
     model_name: str
     model_path: Path
     proc: subprocess.Popen
+    etcd_prefix: str = "/baton/v1"
 
     def env_flags(self) -> list[str]:
-        return ["--etcd", self.etcd_endpoint, "--control-plane", self.control_plane]
+        return ["--etcd", self.etcd_endpoint, "--etcd-prefix", self.etcd_prefix, "--control-plane", self.control_plane]
 
 
 def baton_command(*args: str) -> list[str]:
@@ -155,24 +157,23 @@ def _read_until(proc: subprocess.Popen, marker: str, timeout_s: float) -> list[s
 WORKER_LABELS = "region=eu,tier=test"  # what every worker of the shared stack carries
 
 
-@pytest.fixture(scope="session")
-def stack(etcd, model_path, vllm_serve, tmp_path_factory) -> Stack:
-    log_dir = tmp_path_factory.mktemp("stack-logs")
+@contextlib.contextmanager
+def baton_stack(etcd, log_dir: Path, env_extra: dict[str, str], *flags: str, prefix: str = "/baton/v1"):
+    """`baton up` on ``etcd`` under ``prefix``; stopped with Ctrl-C, after
+    which it must exit cleanly with every worker gone from the registry."""
     http_port, grpc_port, cp_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "BATON_KV_FETCH_TIMEOUT_MS": str(KV_FETCH_TIMEOUT_MS),
-           "BATON_KV_PUSH_START_TIMEOUT_MS": str(KV_PUSH_START_TIMEOUT_MS),
-           "BATON_LABELS": WORKER_LABELS}
+    env = {**os.environ, **env_extra}
     proc = subprocess.Popen(
-        baton_command("up", "--etcd", etcd.endpoint, "--http-port", str(http_port),
+        baton_command("up", "--etcd", etcd.endpoint, "--etcd-prefix", prefix, "--http-port", str(http_port),
                       "--router-grpc-port", str(grpc_port), "--control-plane", f"127.0.0.1:{cp_port}",
-                      "--log-dir", str(log_dir)),
+                      "--log-dir", str(log_dir), *flags),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
     lines = _read_until(proc, "baton: ready", timeout_s=900)
     if not any("baton: ready" in line for line in lines):
         proc.kill()
         pytest.fail("baton up did not become ready:\n" + "\n".join(lines[-50:]))
     yield Stack(f"http://127.0.0.1:{http_port}/v1", f"127.0.0.1:{grpc_port}", etcd.endpoint,
-                f"127.0.0.1:{cp_port}", log_dir, DEFAULT_MODEL_NAME, model_path, proc)
+                f"127.0.0.1:{cp_port}", log_dir, DEFAULT_MODEL_NAME, ensure_default_model(), proc, prefix)
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     try:
         code = proc.wait(120)
@@ -185,7 +186,18 @@ def stack(etcd, model_path, vllm_serve, tmp_path_factory) -> Stack:
 
     from baton.registry import list_workers
 
-    assert asyncio.run(list_workers(etcd.endpoint, "/baton/v1")) == []
+    assert asyncio.run(list_workers(etcd.endpoint, prefix)) == []
+
+
+@pytest.fixture(scope="session")
+def stack(etcd, model_path, vllm_serve, tmp_path_factory) -> Stack:
+    # Every prompt on a prefill worker: the tests of the KV hand-over need
+    # one for each request, however short (test_routing runs "auto").
+    env = {"BATON_KV_FETCH_TIMEOUT_MS": str(KV_FETCH_TIMEOUT_MS),
+           "BATON_KV_PUSH_START_TIMEOUT_MS": str(KV_PUSH_START_TIMEOUT_MS),
+           "BATON_LABELS": WORKER_LABELS, "BATON_DISAGGREGATION": "always"}
+    with baton_stack(etcd, tmp_path_factory.mktemp("stack-logs"), env) as running:
+        yield running
 
 
 @pytest.fixture

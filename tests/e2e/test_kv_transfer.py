@@ -88,7 +88,7 @@ def _inbox_stats(stack):
     from baton.registry import list_workers
     from baton.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
 
-    workers = asyncio.run(list_workers(stack.etcd_endpoint, "/baton/v1"))
+    workers = asyncio.run(list_workers(stack.etcd_endpoint, stack.etcd_prefix))
     kv_address = next(w.kv_address for w in workers if w.worker_id == "decode-0")
     with grpc.insecure_channel(kv_address) as channel:
         return kv_transfer_pb2_grpc.KVTransferStub(channel).Stats(kv_transfer_pb2.KVStatsRequest(), timeout=10)
@@ -99,7 +99,7 @@ def _decode_worker_address(stack) -> str:
 
     from baton.registry import list_workers
 
-    workers = asyncio.run(list_workers(stack.etcd_endpoint, "/baton/v1"))
+    workers = asyncio.run(list_workers(stack.etcd_endpoint, stack.etcd_prefix))
     return next(w.address for w in workers if w.role == "decode" and w.worker_id == "decode-0")
 
 
@@ -108,7 +108,7 @@ def _kv_endpoint(stack, worker_id: str, backend: str) -> str:
 
     from baton.registry import list_workers
 
-    workers = asyncio.run(list_workers(stack.etcd_endpoint, "/baton/v1"))
+    workers = asyncio.run(list_workers(stack.etcd_endpoint, stack.etcd_prefix))
     return next(w.kv_endpoints[backend] for w in workers if w.worker_id == worker_id)
 
 

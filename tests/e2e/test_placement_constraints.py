@@ -22,7 +22,7 @@ def ask(stack, require: str | None) -> httpx.Response:
 
 
 def test_workers_register_their_labels(stack):
-    workers = {w.worker_id: w for w in asyncio.run(list_workers(stack.etcd_endpoint, "/baton/v1"))}
+    workers = {w.worker_id: w for w in asyncio.run(list_workers(stack.etcd_endpoint, stack.etcd_prefix))}
     for worker_id in ("prefill-0", "decode-0"):
         assert workers[worker_id].labels == parse_labels(WORKER_LABELS) == {"region": "eu", "tier": "test"}
 

@@ -18,7 +18,7 @@ from tests.e2e.prompts import CAPITAL_QUESTION
 
 
 def workers(stack) -> dict[str, object]:
-    return {w.worker_id: w for w in asyncio.run(list_workers(stack.etcd_endpoint, "/baton/v1"))}
+    return {w.worker_id: w for w in asyncio.run(list_workers(stack.etcd_endpoint, stack.etcd_prefix))}
 
 
 def status_json(stack) -> dict:

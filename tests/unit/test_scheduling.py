@@ -12,6 +12,13 @@ from control_plane.scheduling import (
     SchedulingRequest,
     make_scheduler,
 )
+from control_plane.scheduling.disaggregation import (
+    DISAGGREGATED,
+    NO_PREFILL_WORKER,
+    PREFILL_BACKLOG,
+    SHORT_UNCACHED,
+    Disaggregation,
+)
 from control_plane.scheduling.filters.labels import HasLabels
 from control_plane.scheduling.filters.load_gap import LoadGapCap
 from control_plane.scheduling.filters.model import ServesModel
@@ -190,3 +197,31 @@ def test_kv_aware_does_not_herd_a_hot_prefix_onto_a_busy_worker():
 
 def test_the_default_policy_is_kv_aware():
     assert DEFAULT_POLICY == "kv-aware"
+
+
+def test_a_short_uncached_prompt_skips_the_prefill_worker():
+    decide = Disaggregation().decide
+    idle_prefill = Candidate("p")
+    # 1000 tokens, 900 of them already cached on the decode worker.
+    request = SchedulingRequest(prompt_tokens=1000)
+    assert decide(request, idle_prefill, Candidate("d", cached_tokens=896)) == SHORT_UNCACHED
+    assert decide(SchedulingRequest(prompt_tokens=60), idle_prefill, Candidate("d")) == SHORT_UNCACHED
+    assert decide(request, idle_prefill, Candidate("d")) == DISAGGREGATED
+
+
+def test_a_backed_up_prefill_pool_sends_prompts_to_a_decode_worker_with_room():
+    decide = Disaggregation().decide
+    request = SchedulingRequest(prompt_tokens=512)
+    busy = Candidate("p", queued_prefill_tokens=2048)
+    assert decide(request, busy, Candidate("d", running=2)) == PREFILL_BACKLOG  # 1024 < 2048 + 512 + 128
+    # Prefilling here would hold up the twelve sequences decoding here.
+    assert decide(request, busy, Candidate("d", running=12)) == DISAGGREGATED
+    assert decide(request, Candidate("p"), Candidate("d", running=2)) == DISAGGREGATED
+
+
+def test_without_a_prefill_worker_decode_serves_alone_and_always_means_always():
+    request = SchedulingRequest(prompt_tokens=10)
+    assert Disaggregation().decide(request, None, Candidate("d")) == NO_PREFILL_WORKER
+    always = Disaggregation(enabled=False)
+    assert always.decide(request, Candidate("p"), Candidate("d")) == DISAGGREGATED
+    assert always.decide(request, None, Candidate("d")) == NO_PREFILL_WORKER

@@ -33,9 +33,10 @@ def test_the_table_shows_the_prefix_index_and_load_per_worker():
          "scheduling": {"prefix_source": "history", "cached_blocks": 3, "queued_prefill_tokens": 0,
                         "running": 4, "engine": None}}],
         "kv_backends": None,
-        "prefix_index": {"predicted_tokens": 512, "hit_tokens": 512, "exact": 3, "reported": 4}}
+        "prefix_index": {"predicted_tokens": 512, "hit_tokens": 512, "exact": 3, "reported": 4},
+        "decisions": {"disaggregated": 3, "short-uncached": 1}}
     table = render_table(status)
-    assert "policy: kv-aware" in table
+    assert "policy: kv-aware; placements: disaggregated 3, short-uncached 1" in table
     prefill = [line for line in table.splitlines() if line.startswith("prefill-0")][1]
     assert "events, 7 blocks" in prefill and "321" in prefill and "kv=25%" in prefill and "512/900" in prefill
     decode = [line for line in table.splitlines() if line.startswith("decode-0")][1]
