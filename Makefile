@@ -46,3 +46,7 @@ bench-serve: setup
 .PHONY: bench-handoff
 bench-handoff: setup
 	$(PY) -m bench.handoff $(ARGS)
+
+.PHONY: bench-routing
+bench-routing: setup
+	$(PY) -m bench.routing $(ARGS)

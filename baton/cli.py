@@ -30,6 +30,7 @@ _WORKER_FLAGS: list[tuple[str, str, type, str]] = [
     ("--kv-port", "kv_port", int, "decode: port of the engine's grpc KV server (0: any free port)"),
     ("--cpu-cores", "cpu_cores", str, "CPU build: cores to pin the engine to, e.g. 0 or 0-1"),
     ("--kv-cache-gib", "kv_cache_gib", int, "CPU build: KV cache space in GiB"),
+    ("--kv-cache-blocks", "kv_cache_blocks", int, "cap the engine's KV cache at this many blocks (0: no cap)"),
     ("--gpu-memory-utilization", "gpu_memory_utilization", float, "CUDA build: GPU memory fraction"),
     ("--kv-fetch-timeout-ms", "kv_fetch_timeout_ms", int, "decode: wait this long for KV, then recompute"),
     ("--kv-push-start-timeout-ms", "kv_push_start_timeout_ms", int,
@@ -49,6 +50,7 @@ _UP_FLAGS = _COMMON_FLAGS + _CONTROL_PLANE_FLAGS + [
     ("--http-port", "http_port", int, "OpenAI-compatible HTTP port"),
     ("--router-grpc-port", "router_grpc_port", int, "public gRPC Inference port"),
     ("--kv-cache-gib", "kv_cache_gib", int, "CPU build: KV cache space of each engine in GiB"),
+    ("--kv-cache-blocks", "kv_cache_blocks", int, "cap each engine's KV cache at this many blocks (0: no cap)"),
 ]
 
 

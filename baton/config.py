@@ -48,6 +48,12 @@ class Settings:
     """CPU build: cores to pin the engine's threads to, e.g. "0" or "0-1"."""
     kv_cache_gib: int = 1
     """CPU build: KV cache space of one engine in GiB."""
+    kv_cache_blocks: int = 0
+    """Cap an engine's KV cache at this many blocks (0: what its space allows);
+    benchmarks shrink caches with it to put prefix caching under pressure."""
+    kv_events: bool = True
+    """Worker: publish the engine's KV cache events to the control plane's
+    prefix index (off: the index learns this worker's prefixes from routing)."""
     gpu_memory_utilization: float = 0.5
     """CUDA build: fraction of GPU memory one engine may use."""
     max_model_len: int = 2048

@@ -25,6 +25,7 @@ class EngineOptions:
     enforce_eager: bool = True
     cpu_cores: str = ""
     kv_cache_gib: int = 1
+    kv_cache_blocks: int = 0  # a cap on the cache's blocks; 0: what its space allows
     gpu_memory_utilization: float = 0.5
     kv_events_endpoint: str = ""  # where the engine publishes its KV cache events (ZMQ); "" for none
 
@@ -121,6 +122,7 @@ class Engine:
             kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
                                             endpoint=options.kv_events_endpoint)
             if options.kv_events_endpoint else None,
+            num_gpu_blocks_override=options.kv_cache_blocks or None,
             disable_log_stats=True,  # vLLM's own stat loggers; ours below still gets the stats
             **device.engine_memory_args(options.gpu_memory_utilization),
         )

@@ -89,13 +89,14 @@ class LocalStack:
                                       "--kv-backend", self.settings.kv_backend,
                                       "--disaggregation", self.settings.disaggregation])
         cores = _cpu_plan(self.n_prefill + self.n_decode)
-        kv_gib = str(self.settings.kv_cache_gib)
+        cache = ["--kv-cache-gib", str(self.settings.kv_cache_gib),
+                 "--kv-cache-blocks", str(self.settings.kv_cache_blocks)]
         for i in range(self.n_prefill):
             self._spawn(f"prefill-{i}", ["prefill-worker", *common, "--worker-id", f"prefill-{i}",
-                                         "--cpu-cores", cores[i], "--kv-cache-gib", kv_gib])
+                                         "--cpu-cores", cores[i], *cache])
         for j in range(self.n_decode):
             self._spawn(f"decode-{j}", ["decode-worker", *common, "--worker-id", f"decode-{j}",
-                                        "--cpu-cores", cores[self.n_prefill + j], "--kv-cache-gib", kv_gib])
+                                        "--cpu-cores", cores[self.n_prefill + j], *cache])
         self._spawn("router", ["router", *common, "--http-port", str(self.settings.http_port),
                                "--grpc-port", str(self.settings.router_grpc_port)])
 

@@ -76,8 +76,9 @@ async def run_worker(
         enforce_eager=settings.enforce_eager,
         cpu_cores=settings.cpu_cores,
         kv_cache_gib=settings.kv_cache_gib,
+        kv_cache_blocks=settings.kv_cache_blocks,
         gpu_memory_utilization=settings.gpu_memory_utilization,
-        kv_events_endpoint=events_endpoint,
+        kv_events_endpoint=events_endpoint if settings.kv_events else "",
     ))
     server, port, health = await start_server(f"{role}-worker", make_bindings(engine), settings.host,
                                               settings.grpc_port)
@@ -87,8 +88,9 @@ async def run_worker(
     record = WorkerRecord(worker_id=worker_id, role=role, address=advertised(settings, port),
                           model=name, kv_address=kv_address, kv_endpoints=kv_endpoints,
                           labels=labels, block_size=engine.block_size, kv_cache_blocks=engine.num_blocks,
-                          kv_events=True)
-    reporter = WorkerReporter(worker_id, settings.control_plane_address, events_endpoint, engine.load)
+                          kv_events=settings.kv_events)
+    reporter = WorkerReporter(worker_id, settings.control_plane_address, events_endpoint if settings.kv_events else "",
+                              engine.load)
     reporter.start()
     registration = Registration(settings.etcd_endpoint, settings.etcd_prefix, record, settings.lease_ttl_s)
     await registration.start()

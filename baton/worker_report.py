@@ -70,8 +70,11 @@ class WorkerReporter:
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._subscribe(), name="kv-events"),
-                       asyncio.create_task(self._report(), name="worker-report")]
+        """Reports the engine's load, and its KV events if it publishes them
+        (``events_endpoint`` not empty)."""
+        self._tasks = [asyncio.create_task(self._report(), name="worker-report")]
+        if self._endpoint:
+            self._tasks.append(asyncio.create_task(self._subscribe(), name="kv-events"))
 
     async def stop(self) -> None:
         for task in self._tasks:

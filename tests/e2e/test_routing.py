@@ -1,9 +1,10 @@
 """kv-aware scheduling on real engines: two prefill workers (one started
-beside `baton up`, with other labels) and one decode worker, the control
-plane deciding where each prompt runs ("auto")."""
+beside `baton up`, with other labels and without KV events) and one decode
+worker, the control plane deciding where each prompt runs ("auto")."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -23,9 +24,11 @@ def routing(etcd, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("routing-logs")
     with baton_stack(etcd, log_dir, {"BATON_LABELS": "zone=b"}, prefix=PREFIX) as stack:
         log = open(log_dir / "prefill-a.log", "wb")
+        # An engine that publishes no KV events: its prefixes are learned from routing.
         extra = subprocess.Popen(baton_command("prefill-worker", *stack.env_flags(), "--worker-id", "prefill-a",
                                                "--labels", "zone=a", "--cpu-cores", "1"),
-                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                 env={**os.environ, "BATON_KV_EVENTS": "false"})
         try:
             wait_for(lambda: "prefill-a" in status(stack) or extra.poll() is not None, 600, "prefill-a to join")
             assert extra.poll() is None, (log_dir / "prefill-a.log").read_text()[-3000:]
@@ -75,6 +78,29 @@ def test_requests_sharing_a_prefix_go_where_it_is_cached(routing):
         assert delta(served(routing), before) == {holder: 1}
 
 
+def on_prefill_a(routing, seeds) -> str:
+    """A document prefill-a computed (equal workers take turns: one of two lands there)."""
+    for seed in seeds:
+        document = long_document(seed, 40)
+        before = served(routing)
+        chat(routing, f"{document}\n\nWhat is item 1 about?", remote_prefill=True)
+        if delta(served(routing), before) == {"prefill-a": 1}:
+            return document
+    pytest.fail("no document landed on prefill-a")
+
+
+def test_a_worker_without_kv_events_is_indexed_from_routing_history(routing):
+    rows = status(routing)
+    assert rows["prefill-0"]["scheduling"]["prefix_source"] == "events"
+    assert rows["prefill-a"]["scheduling"]["prefix_source"] == "history"
+    document = on_prefill_a(routing, (31, 32, 33))
+    assert status(routing)["prefill-a"]["scheduling"]["cached_blocks"] >= 5
+    for question in ("What is item 2 about?", "What is item 6 about?"):
+        before = served(routing)
+        chat(routing, f"{document}\n\n{question}", remote_prefill=True)
+        assert delta(served(routing), before) == {"prefill-a": 1}
+
+
 def test_a_hot_prefix_does_not_herd_onto_one_worker(routing):
     """A burst sharing a long prefix: the worker holding it takes requests
     only while its queue is shorter than what the prefix saves."""
@@ -92,15 +118,7 @@ def test_a_hot_prefix_does_not_herd_onto_one_worker(routing):
 
 
 def test_a_request_is_never_placed_outside_its_required_labels(routing):
-    # A document prefill-a holds (equal workers take turns: one of two lands there).
-    for seed in (23, 24, 25):
-        document = long_document(seed, 40)
-        before = served(routing)
-        chat(routing, f"{document}\n\nWhat is item 1 about?", remote_prefill=True)
-        if delta(served(routing), before) == {"prefill-a": 1}:
-            break
-    else:
-        pytest.fail("no document landed on prefill-a")
+    document = on_prefill_a(routing, (23, 24, 25))
     # zone=b: only prefill-0 and decode-0 carry it, though prefill-a holds the prefix.
     for question in ("What is item 2 about?", "What is item 4 about?"):
         before = served(routing)
