@@ -93,6 +93,7 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
         return Candidate.of(worker, self._transfers.in_flight(worker_id), cached_tokens=matched * block_size,
                             queued_prefill_tokens=self._transfers.queued_prefill_tokens(worker_id),
                             running=self._transfers.running(worker_id),
+                            decoding=self._transfers.decoding(worker_id),
                             decode_tokens=self._transfers.decode_tokens(worker_id),
                             engine=self._engines.get(worker_id))
 

@@ -7,7 +7,9 @@ passed in. Counted per worker and per KV backend.
 The open transfers are also the load the control plane has handed out, per
 phase: a prefill worker owes the uncached prompt tokens of its placements
 until their prefill is reported done (not until the decode ends); a decode
-worker holds its placements' sequences, and their tokens' KV, until they end."""
+worker holds its placements' sequences, and their tokens' KV, until they
+end, and decodes those whose prompt is in (prefilled there, or whose first
+token came back from the prefill worker)."""
 
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ class TransferTable:
         self.counters: dict[str, Counter] = {}
         # per backend: "placed", "fallbacks", the states, "recomputed", "bytes"
         self.by_backend: dict[str, Counter] = {}
-        # per worker: "prefill_tokens" owed, "running" sequences, "decode_tokens" held
+        # per worker: "prefill_tokens" owed, "running" sequences (of them "decoding"), "decode_tokens" held
         self._load: dict[str, Counter] = {}
         # the prefix index's predictions against the prefill engines' reports
         self.prefix = Counter()
@@ -73,6 +75,9 @@ class TransferTable:
         decode = self._load.setdefault(decode_id, Counter())
         decode["running"] += 1
         decode["decode_tokens"] += decode_tokens
+        if not prefill_id:  # the decode worker prefills it: decoding from the start
+            transfer.prefill_done = True
+            decode["decoding"] += 1
         return transfer
 
     def prefill_done(self, transfer_id: str, cached_tokens: int) -> Transfer | None:
@@ -90,8 +95,8 @@ class TransferTable:
 
     def _end_prefill(self, transfer: Transfer) -> None:
         transfer.prefill_done = True
-        if transfer.prefill_id:
-            self._load[transfer.prefill_id]["prefill_tokens"] -= transfer.prefill_tokens
+        self._load[transfer.prefill_id]["prefill_tokens"] -= transfer.prefill_tokens
+        self._load[transfer.decode_id]["decoding"] += 1
 
     def close(self, transfer_id: str, state: TransferState, nbytes: int = 0, tokens: int = 0,
               recomputed: bool = False) -> Transfer | None:
@@ -104,6 +109,7 @@ class TransferTable:
             self._end_prefill(transfer)
         decode = self._load[transfer.decode_id]
         decode["running"] -= 1
+        decode["decoding"] -= 1
         decode["decode_tokens"] -= transfer.decode_tokens
         for worker in filter(None, (transfer.prefill_id, transfer.decode_id)):
             self.counters.setdefault(worker, Counter())[state.value] += 1
@@ -127,6 +133,10 @@ class TransferTable:
     def running(self, worker_id: str) -> int:
         """Decode sequences placed on the worker and not yet ended."""
         return self._load.get(worker_id, Counter())["running"]
+
+    def decoding(self, worker_id: str) -> int:
+        """Of those, the ones whose prompt is in: what a local prefill there holds up."""
+        return self._load.get(worker_id, Counter())["decoding"]
 
     def decode_tokens(self, worker_id: str) -> int:
         return self._load.get(worker_id, Counter())["decode_tokens"]

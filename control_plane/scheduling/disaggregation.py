@@ -10,7 +10,8 @@ request itself instead of a prefill worker.
   and the hand-off (the decode request's round trip and its engine's
   admission, 50–100 ms here: about the time to prefill ``handoff_tokens``);
   local is the part the decode worker lacks, which also holds up each
-  sequence decoding there (``stall_weight`` per running sequence).
+  sequence decoding there (``stall_weight`` per sequence whose prompt is in;
+  those still queued on prefill workers are not held up).
 - Otherwise the prompt runs on a prefill worker and its KV moves.
 
 An idle system therefore still disaggregates long prompts: prefilling one
@@ -47,7 +48,7 @@ class Disaggregation:
         if missing <= self.short_tokens:
             return SHORT_UNCACHED
         if prefill.queued_prefill_tokens > 0:
-            local = missing * (1 + self.stall_weight * decode.running)
+            local = missing * (1 + self.stall_weight * decode.decoding)
             remote = prefill.queued_prefill_tokens + prefill.uncached_tokens(request) + self.handoff_tokens
             if local < remote:
                 return PREFILL_BACKLOG

@@ -33,6 +33,7 @@ class Candidate:
     cached_tokens: int = 0  # of this request's prompt, in the worker's prefix cache (the index says)
     queued_prefill_tokens: int = 0  # prefill: uncached prompt tokens placed and not yet prefilled
     running: int = 0  # decode: sequences placed and not yet ended
+    decoding: int = 0  # decode: of those, the ones whose prompt is in (not still on a prefill worker)
     decode_tokens: int = 0  # decode: their prompt + answer tokens, the KV they hold
     engine: EngineReport | None = None  # None: the engine never reported
 

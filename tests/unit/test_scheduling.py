@@ -213,10 +213,12 @@ def test_a_backed_up_prefill_pool_sends_prompts_to_a_decode_worker_with_room():
     decide = Disaggregation().decide
     request = SchedulingRequest(prompt_tokens=512)
     busy = Candidate("p", queued_prefill_tokens=2048)
-    assert decide(request, busy, Candidate("d", running=2)) == PREFILL_BACKLOG  # 1024 < 2048 + 512 + 128
-    # Prefilling here would hold up the twelve sequences decoding here.
-    assert decide(request, busy, Candidate("d", running=12)) == DISAGGREGATED
-    assert decide(request, Candidate("p"), Candidate("d", running=2)) == DISAGGREGATED
+    assert decide(request, busy, Candidate("d", running=2, decoding=2)) == PREFILL_BACKLOG  # 1024 < 2048 + 640
+    # Prefilling here would hold up the twelve sequences decoding here ...
+    assert decide(request, busy, Candidate("d", running=12, decoding=12)) == DISAGGREGATED
+    # ... but not those still waiting for their prefill.
+    assert decide(request, busy, Candidate("d", running=12, decoding=2)) == PREFILL_BACKLOG
+    assert decide(request, Candidate("p"), Candidate("d", running=2, decoding=2)) == DISAGGREGATED
 
 
 def test_without_a_prefill_worker_decode_serves_alone_and_always_means_always():

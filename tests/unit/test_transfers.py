@@ -47,13 +47,14 @@ def test_load_is_counted_per_phase():
                        predicted_cached=128)
     table.open("r2", "p0", "d0", now_s=0, backend="nixl", prefill_tokens=200, decode_tokens=250)
     assert table.queued_prefill_tokens("p0") == 500 and table.running("d0") == 2
-    assert table.decode_tokens("d0") == 650
+    assert table.decode_tokens("d0") == 650 and table.decoding("d0") == 0
     # The first token came back: the prefill worker is done with r1, the decode worker is not.
     assert table.prefill_done(first.transfer_id, cached_tokens=128) is first
     assert table.prefill_done(first.transfer_id, cached_tokens=128) is None  # once
-    assert table.queued_prefill_tokens("p0") == 200 and table.running("d0") == 2
+    assert table.queued_prefill_tokens("p0") == 200 and table.running("d0") == 2 and table.decoding("d0") == 1
     table.close(first.transfer_id, TransferState.CONSUMED)
     assert table.queued_prefill_tokens("p0") == 200 and table.running("d0") == 1 and table.decode_tokens("d0") == 250
+    assert table.decoding("d0") == 0
     assert (table.prefix["reported"], table.prefix["exact"], table.prefix["hit_tokens"]) == (1, 1, 128)
 
 
@@ -62,11 +63,13 @@ def test_a_transfer_closed_before_its_prefill_reported_frees_both_phases():
     t = table.open("r1", "p0", "d0", now_s=0, prefill_tokens=300, decode_tokens=400)
     table.close(t.transfer_id, TransferState.FAILED)
     assert table.queued_prefill_tokens("p0") == 0 and table.running("d0") == 0 and table.decode_tokens("d0") == 0
+    assert table.decoding("d0") == 0
 
 
 def test_a_local_placement_loads_only_the_decode_worker_and_no_backend():
     table = TransferTable(ttl_s=10)
     t = table.open("r1", "", "d0", now_s=0, prefill_tokens=0, decode_tokens=90)
-    assert table.running("d0") == 1 and "" not in table.counters and table.by_backend == {}
+    assert table.running("d0") == 1 and table.decoding("d0") == 1 and "" not in table.counters
+    assert table.by_backend == {}
     table.close(t.transfer_id, TransferState.LOCAL)
     assert table.running("d0") == 0 and table.counters["d0"]["local"] == 1 and table.by_backend == {}
