@@ -34,11 +34,17 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def _cpu_plan(n_workers: int) -> list[str]:
-    """One core per engine, round-robin: engines sharing a core set fight
-    over it, which costs more than it gives."""
-    cores = sorted(os.sched_getaffinity(0))
-    return [str(cores[i % len(cores)]) for i in range(n_workers)]
+def _cpu_plan(n_prefill: int, n_decode: int, cores: list[int] | None = None) -> tuple[list[str], list[str]]:
+    """One core per engine (engines sharing a core set fight over it, which
+    costs more than it gives). Decode engines take theirs first, from the
+    last core down: where there are fewer cores than engines, prefill engines
+    share the rest rather than a decode engine's core, whose tokens are what
+    streams."""
+    cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
+    decode = [cores[-1 - j % len(cores)] for j in range(n_decode)]
+    left = [c for c in cores if c not in decode] or cores
+    prefill = [left[i % len(left)] for i in range(n_prefill)]
+    return [str(c) for c in prefill], [str(c) for c in decode]
 
 
 class LocalStack:
@@ -88,15 +94,15 @@ class LocalStack:
         self._spawn("control-plane", ["control-plane", *common, "--policy", self.settings.policy,
                                       "--kv-backend", self.settings.kv_backend,
                                       "--disaggregation", self.settings.disaggregation])
-        cores = _cpu_plan(self.n_prefill + self.n_decode)
+        prefill_cores, decode_cores = _cpu_plan(self.n_prefill, self.n_decode)
         cache = ["--kv-cache-gib", str(self.settings.kv_cache_gib),
                  "--kv-cache-blocks", str(self.settings.kv_cache_blocks)]
         for i in range(self.n_prefill):
             self._spawn(f"prefill-{i}", ["prefill-worker", *common, "--worker-id", f"prefill-{i}",
-                                         "--cpu-cores", cores[i], *cache])
+                                         "--cpu-cores", prefill_cores[i], *cache])
         for j in range(self.n_decode):
             self._spawn(f"decode-{j}", ["decode-worker", *common, "--worker-id", f"decode-{j}",
-                                        "--cpu-cores", cores[self.n_prefill + j], *cache])
+                                        "--cpu-cores", decode_cores[j], *cache])
         self._spawn("router", ["router", *common, "--http-port", str(self.settings.http_port),
                                "--grpc-port", str(self.settings.router_grpc_port)])
 

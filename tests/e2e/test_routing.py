@@ -24,9 +24,11 @@ def routing(etcd, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("routing-logs")
     with baton_stack(etcd, log_dir, {"BATON_LABELS": "zone=b"}, prefix=PREFIX) as stack:
         log = open(log_dir / "prefill-a.log", "wb")
-        # An engine that publishes no KV events: its prefixes are learned from routing.
+        # An engine that publishes no KV events: its prefixes are learned from
+        # routing. It shares prefill-0's core, not the decode engine's (see
+        # baton.local_stack._cpu_plan).
         extra = subprocess.Popen(baton_command("prefill-worker", *stack.env_flags(), "--worker-id", "prefill-a",
-                                               "--labels", "zone=a", "--cpu-cores", "1"),
+                                               "--labels", "zone=a", "--cpu-cores", "0"),
                                  stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                                  env={**os.environ, "BATON_KV_EVENTS": "false"})
         try:
