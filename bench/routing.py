@@ -32,8 +32,8 @@ from pathlib import Path
 
 import httpx
 
-from baton.model_store import DEFAULT_MODEL_NAME
 from baton.rpc import free_port
+from bench.client import stream_chat
 from bench.servers import baton_up
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -73,31 +73,12 @@ def schedule(sessions: int, turns: int) -> list[tuple[int, int]]:
     return order
 
 
-async def one_request(client: httpx.AsyncClient, base: str, messages: list[dict], max_tokens: int) -> dict:
-    body = {"model": DEFAULT_MODEL_NAME, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
-    started = time.perf_counter()
-    first, tokens = None, 0
-    async with client.stream("POST", f"{base}/chat/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if chunk.get("choices") and first is None:
-                first = time.perf_counter()
-    end = time.perf_counter()
-    return {"ttft_s": (first or end) - started, "tokens": tokens}
-
-
 async def run_load(base: str, order: list[tuple[int, int]], rate: float, max_tokens: int) -> dict:
     rng = random.Random(SEED)
     sent: dict[int, asyncio.Task] = {}  # session → its last turn's request
     async with httpx.AsyncClient(timeout=900) as client:
         # Warm the engines up on prompts no session shares.
-        await asyncio.gather(*(one_request(client, base, [{"role": "user", "content": f"Warm-up {i}: hello."}], 4)
+        await asyncio.gather(*(stream_chat(client, base, [{"role": "user", "content": f"Warm-up {i}: hello."}], 4)
                                for i in range(2)))
         started = time.perf_counter()
         tasks = []
@@ -105,7 +86,7 @@ async def run_load(base: str, order: list[tuple[int, int]], rate: float, max_tok
             previous = sent.get(session)
             if previous is not None:
                 await asyncio.wait({previous})  # a turn follows its answer
-            task = asyncio.create_task(one_request(client, base, conversation(session, turn), max_tokens))
+            task = asyncio.create_task(stream_chat(client, base, conversation(session, turn), max_tokens))
             sent[session] = task
             tasks.append(task)
             await asyncio.sleep(rng.expovariate(rate))
