@@ -58,8 +58,8 @@ async def run_worker(
     # The engine's connector writes how peers reach its KV here, per backend.
     scratch = Path(tempfile.mkdtemp(prefix="baton-kv-"))
     endpoint_file = scratch / "endpoints.json"
-    # The engine publishes its KV cache events here; the reporter forwards them.
-    events_endpoint = f"ipc://{scratch}/kv-events"
+    # The engine publishes its KV cache events here (none if turned off); the reporter forwards them.
+    events_endpoint = f"ipc://{scratch}/kv-events" if settings.kv_events else ""
     backends = available_backends()
     engine = await asyncio.to_thread(Engine.start, EngineOptions(
         model_path=str(model_path),
@@ -78,7 +78,7 @@ async def run_worker(
         kv_cache_gib=settings.kv_cache_gib,
         kv_cache_blocks=settings.kv_cache_blocks,
         gpu_memory_utilization=settings.gpu_memory_utilization,
-        kv_events_endpoint=events_endpoint if settings.kv_events else "",
+        kv_events_endpoint=events_endpoint,
     ))
     server, port, health = await start_server(f"{role}-worker", make_bindings(engine), settings.host,
                                               settings.grpc_port)
@@ -89,8 +89,7 @@ async def run_worker(
                           model=name, kv_address=kv_address, kv_endpoints=kv_endpoints,
                           labels=labels, block_size=engine.block_size, kv_cache_blocks=engine.num_blocks,
                           kv_events=settings.kv_events)
-    reporter = WorkerReporter(worker_id, settings.control_plane_address, events_endpoint if settings.kv_events else "",
-                              engine.load)
+    reporter = WorkerReporter(worker_id, settings.control_plane_address, events_endpoint, engine.load)
     reporter.start()
     registration = Registration(settings.etcd_endpoint, settings.etcd_prefix, record, settings.lease_ttl_s)
     await registration.start()
