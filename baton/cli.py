@@ -36,7 +36,10 @@ _WORKER_FLAGS: list[tuple[str, str, type, str]] = [
     ("--kv-push-start-timeout-ms", "kv_push_start_timeout_ms", int,
      "decode: recompute at once if the KV push has not begun by then"),
 ]
+_MODELS_FLAG = ("--models", "models", str,
+                "several models at once: NAME=DIRECTORY,... (empty DIRECTORY: the embedded model)")
 _ROUTER_FLAGS: list[tuple[str, str, type, str]] = [
+    _MODELS_FLAG,
     ("--http-port", "http_port", int, "OpenAI-compatible HTTP port"),
     ("--grpc-port", "router_grpc_port", int, "public gRPC Inference port"),
 ]
@@ -47,6 +50,7 @@ _CONTROL_PLANE_FLAGS: list[tuple[str, str, type, str]] = [
      "auto (default: the decode worker prefills when predicted faster) or always"),
 ]
 _UP_FLAGS = _COMMON_FLAGS + _CONTROL_PLANE_FLAGS + [
+    _MODELS_FLAG,
     ("--http-port", "http_port", int, "OpenAI-compatible HTTP port"),
     ("--router-grpc-port", "router_grpc_port", int, "public gRPC Inference port"),
     ("--kv-cache-gib", "kv_cache_gib", int, "CPU build: KV cache space of each engine in GiB"),

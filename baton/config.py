@@ -27,6 +27,10 @@ class Settings:
     """HF model directory; empty means the embedded SmolLM2-135M-Instruct."""
     served_model_name: str = ""
     """Name clients use in requests; defaults to the model directory's name."""
+    models: str = ""
+    """Router and `baton up`: serve several models at once, "NAME=DIRECTORY,..."
+    (an empty DIRECTORY is the embedded model); requests route by their
+    `model`. Empty: the one `model`, named `served_model_name`."""
     host: str = "127.0.0.1"
     """Interface every service binds to."""
     advertise_host: str = ""

@@ -16,6 +16,7 @@ from pathlib import Path
 from baton.config import Settings
 from baton.etcd_server import EmbeddedEtcd
 from baton.model_store import default_cache_dir, resolve_model
+from baton.served_models import served_models
 
 
 @dataclass
@@ -57,6 +58,7 @@ class LocalStack:
         self.etcd: EmbeddedEtcd | None = None
         self.etcd_endpoint = settings.etcd_endpoint
         self.control_plane = settings.control_plane_address
+        self.models = served_models(settings)
 
     def _spawn(self, name: str, command: list[str], env_extra: dict[str, str] | None = None) -> Child:
         log_path = self.log_dir / f"{name}.log"
@@ -76,14 +78,9 @@ class LocalStack:
 
     def _common(self) -> list[str]:
         s = self.settings
-        flags = ["--etcd", self.etcd_endpoint, "--etcd-prefix", s.etcd_prefix, "--host", s.host,
-                 "--control-plane", self.control_plane, "--max-model-len", str(s.max_model_len),
-                 "--log-level", s.log_level]
-        if s.model:
-            flags += ["--model", s.model]
-        if s.served_model_name:
-            flags += ["--served-model-name", s.served_model_name]
-        return flags
+        return ["--etcd", self.etcd_endpoint, "--etcd-prefix", s.etcd_prefix, "--host", s.host,
+                "--control-plane", self.control_plane, "--max-model-len", str(s.max_model_len),
+                "--log-level", s.log_level]
 
     def start(self, embedded_etcd: bool) -> None:
         if embedded_etcd:
@@ -94,16 +91,25 @@ class LocalStack:
         self._spawn("control-plane", ["control-plane", *common, "--policy", self.settings.policy,
                                       "--kv-backend", self.settings.kv_backend,
                                       "--disaggregation", self.settings.disaggregation])
-        prefill_cores, decode_cores = _cpu_plan(self.n_prefill, self.n_decode)
+        prefill_cores, decode_cores = _cpu_plan(self.n_prefill * len(self.models),
+                                                self.n_decode * len(self.models))
         cache = ["--kv-cache-gib", str(self.settings.kv_cache_gib),
                  "--kv-cache-blocks", str(self.settings.kv_cache_blocks)]
-        for i in range(self.n_prefill):
-            self._spawn(f"prefill-{i}", ["prefill-worker", *common, "--worker-id", f"prefill-{i}",
-                                         "--cpu-cores", prefill_cores[i], *cache])
-        for j in range(self.n_decode):
-            self._spawn(f"decode-{j}", ["decode-worker", *common, "--worker-id", f"decode-{j}",
-                                        "--cpu-cores", decode_cores[j], *cache])
-        self._spawn("router", ["router", *common, "--http-port", str(self.settings.http_port),
+        for m, served in enumerate(self.models):
+            # The first model's workers keep the plain names (prefill-0, ...).
+            prefix = "" if m == 0 else f"{_id_safe(served.name)}-"
+            model = ["--served-model-name", served.name] + (["--model", served.model] if served.model else [])
+            for i in range(self.n_prefill):
+                name = f"{prefix}prefill-{i}"
+                self._spawn(name, ["prefill-worker", *common, *model, "--worker-id", name,
+                                   "--cpu-cores", prefill_cores[m * self.n_prefill + i], *cache])
+            for j in range(self.n_decode):
+                name = f"{prefix}decode-{j}"
+                self._spawn(name, ["decode-worker", *common, *model, "--worker-id", name,
+                                   "--cpu-cores", decode_cores[m * self.n_decode + j], *cache])
+        router_models = ",".join(f"{s.name}={s.model}" for s in self.models)
+        self._spawn("router", ["router", *common, "--models", router_models,
+                               "--http-port", str(self.settings.http_port),
                                "--grpc-port", str(self.settings.router_grpc_port)])
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -112,7 +118,7 @@ class LocalStack:
         from baton.registry import list_workers
 
         deadline = time.monotonic() + timeout_s
-        want = self.n_prefill + self.n_decode
+        want = (self.n_prefill + self.n_decode) * len(self.models)
         health = f"http://{self.settings.host}:{self.settings.http_port}/health"
         while time.monotonic() < deadline:
             self.check_children()
@@ -167,8 +173,10 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
         raise ValueError("--prefill and --decode must be at least 1")
     from control_plane.scheduling import make_scheduler
 
-    make_scheduler(settings.policy)  # a bad --policy fails here, before anything starts
-    resolve_model(settings.model)  # convert the default model once, before any service needs it
+    make_scheduler(settings.policy)  # a bad --policy or --models fails here, before anything starts
+    models = served_models(settings)
+    for served in models:
+        resolve_model(served.model)  # convert the default model once, before any service needs it
     log_dir = Path(args.log_dir) if args.log_dir else default_cache_dir() / "runs" / time.strftime("%Y%m%d-%H%M%S")
     log_dir.mkdir(parents=True, exist_ok=True)
     stack = LocalStack(settings, args.prefill, args.decode, log_dir)
@@ -185,7 +193,7 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"baton: starting etcd, control plane, router, {args.prefill} prefill and {args.decode} decode "
-          f"worker(s); logs in {log_dir}", flush=True)
+          f"worker(s) per model ({', '.join(s.name for s in models)}); logs in {log_dir}", flush=True)
     try:
         stack.start(embedded_etcd=args.etcd_endpoint is None)
         stack.wait_ready(timeout_s=600)
@@ -194,7 +202,7 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
               f"baton: gRPC Inference: {settings.host}:{settings.router_grpc_port}   "
               f"etcd: {stack.etcd_endpoint}   control plane: {stack.control_plane}\n"
               f"baton: try  curl {base}/chat/completions -H 'Content-Type: application/json' "
-              f"-d '{{\"model\": \"{_model_name(settings)}\", \"messages\": "
+              f"-d '{{\"model\": \"{models[0].name}\", \"messages\": "
               f"[{{\"role\": \"user\", \"content\": \"Name the capital of France.\"}}]}}'\n"
               f"baton: `baton status --etcd {stack.etcd_endpoint} --control-plane {stack.control_plane}` "
               f"lists the workers. Ctrl-C stops everything.", flush=True)
@@ -209,9 +217,6 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
         print("baton: stopped.", flush=True)
 
 
-def _model_name(settings: Settings) -> str:
-    from baton.model_store import DEFAULT_MODEL_NAME
-
-    if settings.served_model_name:
-        return settings.served_model_name
-    return Path(settings.model).name if settings.model else DEFAULT_MODEL_NAME
+def _id_safe(name: str) -> str:
+    """A model name as part of a worker id (names may hold "/")."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)

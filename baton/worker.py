@@ -18,16 +18,13 @@ from baton.logs import get_logger, setup_logging
 from baton.model_store import resolve_model
 from baton.registry import Registration, WorkerRecord, parse_labels
 from baton.rpc import ServiceBinding, start_server
+from baton.served_models import worker_model
 from baton.telemetry import setup_tracing
 from baton.worker_report import WorkerReporter
 from kv_transfer.connector import read_endpoints
 from kv_transfer.transport import available_backends
 
 log = get_logger(__name__)
-
-
-def served_name(settings: Settings, model_path: Path) -> str:
-    return settings.served_model_name or model_path.name
 
 
 async def wait_for_signal() -> None:
@@ -54,7 +51,7 @@ async def run_worker(
     # Both block for long (model conversion, ~45 s engine start): keep the
     # loop free.
     model_path = await asyncio.to_thread(resolve_model, settings.model)
-    name = served_name(settings, model_path)
+    name = worker_model(settings).name
     # The engine's connector writes how peers reach its KV here, per backend.
     scratch = Path(tempfile.mkdtemp(prefix="baton-kv-"))
     endpoint_file = scratch / "endpoints.json"

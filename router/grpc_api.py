@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import Callable
 from http import HTTPStatus
 
 import grpc
@@ -58,13 +59,17 @@ def sampling_params(s: inference_pb2.SamplingParams, defaults: dict):
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, engine: BatonEngineClient, served_model_name: str):
-        self._engine = engine
-        self._model = served_model_name
-        self._defaults = engine.model_config.get_diff_sampling_param()
+    def __init__(self, engines: dict[str, BatonEngineClient], live_models: Callable[[], set[str]]):
+        """``engines``: model name → its frontend, the default (for requests
+        that name none) first."""
+        self._engines = engines
+        self._default = next(iter(engines))
+        self._live_models = live_models
+        self._defaults = {name: e.model_config.get_diff_sampling_param() for name, e in engines.items()}
 
-    async def _prompt_ids(self, request: inference_pb2.GenerateRequest) -> list[int]:
-        tokenizer = self._engine.get_tokenizer()
+    @staticmethod
+    async def _prompt_ids(engine: BatonEngineClient, request: inference_pb2.GenerateRequest) -> list[int]:
+        tokenizer = engine.get_tokenizer()
         which = request.WhichOneof("input")
         if which == "token_ids":
             return list(request.token_ids.ids)
@@ -91,26 +96,28 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
-        if request.model and request.model != self._model:  # none: the served one, as over HTTP
+        model = request.model or self._default  # none: the default one, as over HTTP
+        engine = self._engines.get(model)
+        if engine is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"The model `{request.model}` does not exist. Available: {self._model}")
+                                f"The model `{request.model}` does not exist. Available: {', '.join(self._engines)}")
         request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
         bind_request(request_id)
         try:
-            prompt_ids = await self._prompt_ids(request)
+            prompt_ids = await self._prompt_ids(engine, request)
             if not prompt_ids:
                 raise _InvalidRequest("the prompt is empty")
-            params = sampling_params(request.sampling, self._defaults)
+            params = sampling_params(request.sampling, self._defaults[model])
             if request.HasField("remote_prefill"):  # where HTTP clients put it, vLLM's own field
                 params.extra_args = {**(params.extra_args or {}),
                                      "kv_transfer_params": {"do_remote_prefill": request.remote_prefill}}
-            max_model_len = self._engine.model_config.max_model_len
+            max_model_len = engine.model_config.max_model_len
             room = max_model_len - len(prompt_ids)
             if room < 1:
                 raise _InvalidRequest(f"This model's maximum context length is {max_model_len} tokens. "
                                       f"However, your prompt contains {len(prompt_ids)} input tokens.")
             if params.max_tokens is None:  # the default, as vLLM's OpenAI server resolves it
-                params.max_tokens = get_max_tokens(max_model_len, None, len(prompt_ids), self._defaults)
+                params.max_tokens = get_max_tokens(max_model_len, None, len(prompt_ids), self._defaults[model])
             if params.max_tokens > room:
                 raise _InvalidRequest(
                     f"This model's maximum context length is {max_model_len} "
@@ -119,7 +126,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             produced: dict[int, int] = {}
             # This RPC's task is its own: the requirement ends with it.
             constraints.require(dict(request.required_labels))
-            outputs = self._engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id)
+            outputs = engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id)
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
                     for choice in output.outputs:
@@ -153,4 +160,5 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return message
 
     async def ListModels(self, request, context):
-        return inference_pb2.ListModelsResponse(models=[self._model])
+        live = self._live_models()
+        return inference_pb2.ListModelsResponse(models=[name for name in self._engines if name in live])

@@ -12,9 +12,10 @@ from baton.logs import get_logger, setup_logging
 from baton.model_store import resolve_model
 from baton.registry import RegistryWatcher
 from baton.rpc import ServiceBinding, start_server
+from baton.served_models import served_models
 from baton.telemetry import setup_tracing
 from baton.v1 import inference_pb2_grpc
-from baton.worker import served_name, wait_for_signal
+from baton.worker import wait_for_signal
 
 log = get_logger(__name__)
 
@@ -30,30 +31,41 @@ async def serve(settings: Settings) -> None:
     from router.grpc_api import SERVICE_NAME, InferenceServicer
     from router.http_api import create_app
     from router.metrics import Metrics
+    from router.model_dispatch import ModelDispatch
     from router.pipeline import Pipeline
 
-    model_path = resolve_model(settings.model)
-    name = served_name(settings, model_path)
+    models = served_models(settings)
     registry = RegistryWatcher(settings.etcd_endpoint, settings.etcd_prefix)
     await registry.start()
     metrics = Metrics(get_prometheus_registry())
-    pipeline = Pipeline(settings.control_plane_address, registry, name, metrics, settings.request_timeout_s)
-    args = frontend_args(str(model_path), name, settings.max_model_len, settings.host, settings.http_port,
-                         settings.frontend_args.split())
-    # Building vLLM's configuration reads the model's files: not on the loop.
-    engine = await asyncio.to_thread(BatonEngineClient, args, ClusterEngineCore(pipeline))
-    app = await create_app(engine, args)
+    # One vLLM frontend per model: its own tokenizer, template and defaults.
+    pipelines, engines, apps = [], {}, {}
+    for served in models:
+        model_path = await asyncio.to_thread(resolve_model, served.model)
+        pipeline = Pipeline(settings.control_plane_address, registry, served.name, metrics,
+                            settings.request_timeout_s)
+        pipelines.append(pipeline)
+        args = frontend_args(str(model_path), served.name, settings.max_model_len, settings.host,
+                             settings.http_port, settings.frontend_args.split())
+        # Building vLLM's configuration reads the model's files: not on the loop.
+        engines[served.name] = await asyncio.to_thread(BatonEngineClient, args, ClusterEngineCore(pipeline))
+        apps[served.name] = await create_app(engines[served.name], args)
+
+    def live_models() -> set[str]:
+        return {w.model for w in registry.by_role("decode")}
+
     grpc_server, grpc_port, _ = await start_server(
         "router",
         [ServiceBinding(SERVICE_NAME, inference_pb2_grpc.add_InferenceServicer_to_server,
-                        InferenceServicer(engine, name))],
+                        InferenceServicer(engines, live_models))],
         settings.host, settings.router_grpc_port)
+    app = ModelDispatch(apps, live_models)
     http = uvicorn.Server(uvicorn.Config(RequireLabels(app), host=settings.host, port=settings.http_port,
                                          log_level="warning", access_log=False, lifespan="off"))
     http.install_signal_handlers = lambda: None  # we own SIGINT/SIGTERM
     http_task = asyncio.create_task(http.serve(), name="http")
     log.info("router serving", http=f"http://{settings.host}:{settings.http_port}/v1",
-             grpc=f"{settings.host}:{grpc_port}", model=name)
+             grpc=f"{settings.host}:{grpc_port}", models=list(engines))
     try:
         stop = asyncio.create_task(wait_for_signal())
         await asyncio.wait({stop, http_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -62,6 +74,8 @@ async def serve(settings: Settings) -> None:
         with contextlib.suppress(Exception):
             await http_task
         await grpc_server.stop(grace=2)
-        engine.shutdown()
-        await pipeline.close()
+        for engine in engines.values():
+            engine.shutdown()
+        for pipeline in pipelines:
+            await pipeline.close()
         await registry.stop()
