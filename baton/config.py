@@ -48,6 +48,10 @@ class Settings:
     """Worker: labels placement can require, "key=value,key=value" (e.g. "region=eu")."""
     lease_ttl_s: int = 5
     """Registry lease; a worker that stops refreshing vanishes after this."""
+    drain_timeout_s: float = 20.0
+    """Worker: on SIGTERM it leaves the registry at once and lets running
+    requests finish for up to this long; the router moves those still
+    running then to other workers."""
     cpu_cores: str = ""
     """CPU build: cores to pin the engine's threads to, e.g. "0" or "0-1"."""
     kv_cache_gib: int = 1
@@ -99,6 +103,9 @@ class Settings:
     """Extra `vllm serve` flags for the router's OpenAI frontend (vLLM's own),
     e.g. "--chat-template t.jinja --tool-call-parser hermes --enable-auto-tool-choice"."""
     request_timeout_s: float = 300.0
+    decode_moves: int = 2
+    """Router: how often one request may move to another decode worker when
+    its decode worker fails mid-answer (0: the client gets the error)."""
 
 
 _ENV_PREFIX = "BATON_"

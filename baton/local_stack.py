@@ -141,10 +141,12 @@ class LocalStack:
                 raise RuntimeError(f"{child.name} exited with code {code}; last lines of {child.log_path}:\n"
                                    + "\n".join(tail))
 
-    def stop(self, grace_s: float = 20.0) -> None:
+    def stop(self, grace_s: float | None = None) -> None:
         """Router first (no new requests), then workers, then the control
         plane, then etcd. Signals during the stop do not interrupt it."""
         previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if grace_s is None:  # a draining worker may take its drain time
+            grace_s = self.settings.drain_timeout_s + 10
         try:
             stages = [[c for c in self.children if c.name == "router"],
                       [c for c in self.children if c.name not in ("router", "control-plane")],

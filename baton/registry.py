@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,10 +33,11 @@ class WorkerRecord:
     kv_address: str = ""  # decode: host:port of its KVTransfer endpoint
     kv_endpoints: dict[str, str] = field(default_factory=dict)  # KV backend → how peers reach its engine
     labels: dict[str, str] = field(default_factory=dict)
-    state: str = "ready"
+    state: str = "ready"  # "draining": finishing its requests, takes no new ones
     block_size: int = 0  # tokens per KV block of its engine
     kv_cache_blocks: int = 0  # blocks in its engine's KV cache
     kv_events: bool = False  # its engine's KV events reach the control plane (else: prefix index from history)
+    pid: int = 0  # of the worker process, for operators acting on one worker
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -105,6 +107,14 @@ class Registration:
         # Only a lease that holds the key counts: if the put failed, the next
         # round registers again instead of refreshing an empty lease.
         self._lease = lease
+
+    async def set_state(self, state: str) -> None:
+        """Publish a new state under the same lease (a re-registration keeps it)."""
+        self._record = dataclasses.replace(self._record, state=state)
+        try:
+            await self._client.put(self._key, self._record.to_json(), lease=self._lease)
+        except Exception as exc:  # etcd down: the lease ends it soon anyway
+            log.warning("could not publish the worker's state", key=self.key, state=state, error=str(exc))
 
     async def _keep_alive(self) -> None:
         interval = self._ttl_s / 3

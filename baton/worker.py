@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import signal
 import tempfile
@@ -42,8 +43,10 @@ async def run_worker(
     make_bindings: Callable[[Engine], list[ServiceBinding]],
     connector_options: dict | None = None,
 ) -> None:
-    """Start the engine, serve, register; on SIGINT/SIGTERM leave the
-    registry first (no new work arrives), then stop serving and the engine."""
+    """Start the engine, serve, register; on SIGINT/SIGTERM drain: leave the
+    registry first (no new work arrives), let running requests finish for
+    up to ``drain_timeout_s`` (the router moves the rest elsewhere), then
+    stop the engine."""
     worker_id = settings.worker_id or f"{role}-{uuid.uuid4().hex[:8]}"
     labels = parse_labels(settings.labels)  # a bad one fails before the engine starts
     setup_logging(f"{role}-worker", settings.log_level)
@@ -85,7 +88,7 @@ async def run_worker(
     record = WorkerRecord(worker_id=worker_id, role=role, address=advertised(settings, port),
                           model=name, kv_address=kv_address, kv_endpoints=kv_endpoints,
                           labels=labels, block_size=engine.block_size, kv_cache_blocks=engine.num_blocks,
-                          kv_events=settings.kv_events)
+                          kv_events=settings.kv_events, pid=os.getpid())
     reporter = WorkerReporter(worker_id, settings.control_plane_address, events_endpoint, engine.load)
     reporter.start()
     registration = Registration(settings.etcd_endpoint, settings.etcd_prefix, record, settings.lease_ttl_s)
@@ -95,11 +98,12 @@ async def run_worker(
     try:
         await wait_for_signal()
     finally:
-        log.info("worker stopping", worker_id=worker_id)
+        log.info("worker draining", worker_id=worker_id, drain_timeout_s=settings.drain_timeout_s)
         await health.enter_graceful_shutdown()  # health checks now say NOT_SERVING
+        await registration.set_state("draining")  # out of placement; `baton status` shows it
+        await server.stop(grace=settings.drain_timeout_s)
         await registration.stop()
         await reporter.stop()
-        await server.stop(grace=5)
         with contextlib.suppress(Exception):
             engine.shutdown()
         shutil.rmtree(scratch, ignore_errors=True)

@@ -34,13 +34,15 @@ async def serve(settings: Settings) -> None:
         [ServiceBinding(SERVICE_NAME, control_plane_pb2_grpc.add_ControlPlaneServicer_to_server, servicer)],
         settings.host, port)
     expiry = asyncio.create_task(servicer.run_expiry(), name="transfer-expiry")
+    probes = asyncio.create_task(servicer.suspects.run(), name="suspect-probes")
     log.info("control plane serving", port=bound, policy=settings.policy, kv_backend=settings.kv_backend,
              disaggregation=settings.disaggregation)
     try:
         await wait_for_signal()
     finally:
-        expiry.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await expiry
+        for task in (expiry, probes):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await server.stop(grace=2)
         await registry.stop()

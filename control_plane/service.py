@@ -16,6 +16,7 @@ from control_plane.kv_backend import choose_backend
 from control_plane.prefix_index import Cleared, PrefixIndex, Removed, Stored, block_keys
 from control_plane.scheduling import Candidate, EngineReport, NoWorker, Scheduler, SchedulingRequest
 from control_plane.scheduling.disaggregation import DISAGGREGATED, REQUESTED, Disaggregation
+from control_plane.suspects import Suspects
 from control_plane.transfers import TransferState, TransferTable
 from kv_transfer.transport import BACKENDS, FALLBACK_BACKEND
 
@@ -60,7 +61,7 @@ class _PromptKeys:
 class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
     def __init__(self, registry: RegistryWatcher, schedulers: dict[str, Scheduler],
                  transfers: TransferTable, kv_backend: str = FALLBACK_BACKEND, policy: str = "",
-                 disaggregation: Disaggregation | None = None):
+                 disaggregation: Disaggregation | None = None, suspects: Suspects | None = None):
         """``schedulers`` maps role → pipeline; one instance per role so that
         the rotation state of one pool never skews the other. ``kv_backend``:
         the deployment's transfer backend."""
@@ -74,11 +75,13 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
         self._prefixes = PrefixIndex()
         self._engines: dict[str, EngineReport] = {}
         self._engine_reports: dict[str, control_plane_pb2.EngineLoad] = {}
+        self.suspects = suspects if suspects is not None else Suspects()
         registry.on_change(self._worker_changed)
 
     def _worker_changed(self, kind: str, record: WorkerRecord) -> None:
         worker_id = record.worker_id
         if kind == "delete":
+            self.suspects.forget(worker_id)
             self._prefixes.forget(worker_id)
             self._engines.pop(worker_id, None)
             self._engine_reports.pop(worker_id, None)
@@ -99,7 +102,8 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
 
     def _pick(self, role: str, request: SchedulingRequest, keys: _PromptKeys, now_s: float) -> Candidate:
         """Raises ``NoWorker`` (its message names the role's pool)."""
-        candidates = [self._candidate(w, keys, now_s) for w in self._registry.by_role(role)]
+        candidates = [self._candidate(w, keys, now_s) for w in self._registry.by_role(role)
+                      if w.state == "ready" and w.worker_id not in self.suspects]
         try:
             return self._schedulers[role].pick(request, candidates)
         except NoWorker as exc:
@@ -115,6 +119,10 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
         wanted_request = SchedulingRequest(request.model, prompt_tokens, dict(request.required_labels),
                                            request.max_tokens)
         keys, now = _PromptKeys(request.prompt_token_ids), time.monotonic()
+        for worker_id in request.avoid_workers:
+            worker = self._registry.workers.get(worker_id)
+            if worker is not None:
+                self.suspects.mark(worker_id, worker.address, f"request {request.request_id} failed on it")
         try:
             decode_pick = self._pick("decode", wanted_request, keys, now)
             try:
@@ -225,7 +233,8 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
             counts = self._transfers.counters.get(worker.worker_id, {})
             response.workers.append(control_plane_pb2.WorkerStatus(
                 worker_id=worker.worker_id, role=_ROLE.get(worker.role, 0), address=worker.address,
-                kv_address=worker.kv_address, model=worker.model, state=worker.state,
+                kv_address=worker.kv_address, model=worker.model,
+                state="suspect" if worker.worker_id in self.suspects else worker.state,
                 in_flight=self._transfers.in_flight(worker.worker_id),
                 transfers_total=counts.get("total", 0), transfers_consumed=counts.get("consumed", 0),
                 transfers_failed=counts.get("failed", 0), transfers_expired=counts.get("expired", 0),

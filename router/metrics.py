@@ -14,3 +14,8 @@ class Metrics:
             "baton_first_token_mismatches",
             "Decode sampled another first token than prefill; decoding resumed after prefill's",
             registry=self.registry)
+        self.prefill_retries = Counter(
+            "baton_prefill_retries", "Prefills placed again after their prefill worker failed", registry=self.registry)
+        self.decode_moves = Counter(
+            "baton_decode_moves",
+            "Requests moved to another decode worker mid-answer after theirs failed", registry=self.registry)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from baton import sampling
-from baton.errors import ClientError, NoCapacityError, RetryableError, from_rpc_error
+from baton.errors import BatonError, ClientError, NoCapacityError, RetryableError, from_rpc_error
 from baton.logs import get_logger
 from baton.registry import RegistryWatcher
 from baton.rpc import channel
@@ -74,6 +74,18 @@ class EngineRequest:
     remote_prefill: bool | None = None  # the client's choice of where the prompt runs; None: the control plane's
 
 
+# A decode call that ended so failed on the worker, not on the request:
+# another decode worker can take the answer over.
+_WORKER_FAILED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+                            grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+class _DecodeWorkerFailed(Exception):
+    def __init__(self, error: BatonError):
+        super().__init__(error.message)
+        self.error = error
+
+
 class _FirstTokenMismatch(Exception):
     """Decode sampled another first token than prefill (numerics differ at a
     near tie): its continuation does not follow what the client has."""
@@ -98,26 +110,29 @@ class _Channels:
 
 class Pipeline:
     def __init__(self, control_plane_address: str, registry: RegistryWatcher, model_name: str,
-                 metrics: Metrics, timeout_s: float):
+                 metrics: Metrics, timeout_s: float, decode_moves: int = 2):
         self._channels = _Channels()
         self._control_plane = control_plane_pb2_grpc.ControlPlaneStub(self._channels.get(control_plane_address))
         self._registry = registry
         self._model_name = model_name
         self._metrics = metrics
         self._timeout_s = timeout_s
+        self._decode_moves = decode_moves  # per request, to another decode worker when one fails
         # Without the control plane, the same pipeline places requests
         # over the router's own registry view (no load figures: rotation).
         self._fallback = {role: make_scheduler("round-robin", role) for role in ("prefill", "decode")}
         self._background: set[asyncio.Task] = set()
 
     async def close(self) -> None:
+        if self._background:  # reports still on their way: give them a moment
+            await asyncio.wait(set(self._background), timeout=2)
         await self._channels.close()
 
-    async def _schedule(self, request: EngineRequest) -> control_plane_pb2.Placement:
+    async def _schedule(self, request: EngineRequest, avoid: tuple[str, ...] = ()) -> control_plane_pb2.Placement:
         message = control_plane_pb2.ScheduleRequest(
             request_id=request.request_id, model=self._model_name, prompt_tokens=len(request.prompt_token_ids),
             prompt_token_ids=request.prompt_token_ids, max_tokens=request.params.max_tokens or 0,
-            kv_backend=request.kv_backend, required_labels=request.required_labels)
+            kv_backend=request.kv_backend, required_labels=request.required_labels, avoid_workers=avoid)
         if request.remote_prefill is not None:
             message.remote_prefill = request.remote_prefill
         try:
@@ -126,13 +141,14 @@ class Pipeline:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:  # reachable, but it said no
                 raise from_rpc_error(exc, "control plane") from exc
             log.warning("control plane unreachable; placing locally", error=exc.details())
-            return self._fallback_placement(request)
+            return self._fallback_placement(request, avoid)
 
-    async def _schedule_shielded(self, request: EngineRequest) -> control_plane_pb2.Placement:
+    async def _schedule_shielded(self, request: EngineRequest,
+                                 avoid: tuple[str, ...] = ()) -> control_plane_pb2.Placement:
         """Schedule; if the client leaves meanwhile, the placement may still
         be made: close its transfer once it lands, so it does not count as
         load until it expires."""
-        scheduling = asyncio.ensure_future(self._schedule(request))
+        scheduling = asyncio.ensure_future(self._schedule(request, avoid))
         try:
             return await asyncio.shield(scheduling)
         except asyncio.CancelledError:
@@ -146,11 +162,12 @@ class Pipeline:
             scheduling.add_done_callback(self._background.discard)
             raise
 
-    def _fallback_placement(self, request: EngineRequest) -> control_plane_pb2.Placement:
+    def _fallback_placement(self, request: EngineRequest, avoid: tuple[str, ...] = ()) -> control_plane_pb2.Placement:
         wanted = SchedulingRequest(self._model_name, len(request.prompt_token_ids), request.required_labels)
         chosen = {}
         for role, scheduler in self._fallback.items():
-            pool = {w.worker_id: w for w in self._registry.by_role(role)}
+            pool = {w.worker_id: w for w in self._registry.by_role(role)
+                    if w.state == "ready" and w.worker_id not in avoid}
             try:
                 pick = scheduler.pick(wanted, [Candidate.of(w) for w in pool.values()])
             except NoWorker as exc:
@@ -181,10 +198,23 @@ class Pipeline:
         outcome = common_pb2.KVLoadStats()  # the decode's own report, on its last message
         try:
             first = None if local else await self._prefill(request, placement, pushed_id)
-            if first is None:  # placed so, or the prefill worker is unreachable: decode prefills locally
+            if first is None and not local:
+                # The prefill worker failed: out of placement, and the
+                # prompt placed again without it (another prefill worker,
+                # or the decode worker prefills).
+                self._metrics.prefill_retries.inc()
+                self._free_staged(placement, pushed_id)
+                self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
+                             detail=f"prefill worker {placement.prefill.worker_id} failed; placed again")
+                placement = await self._schedule_shielded(request, avoid=(placement.prefill.worker_id,))
+                local = not placement.prefill.worker_id
+                pushed_id = placement.transfer_id if max_tokens > 1 and not local else ""
+                first = None if local else await self._prefill(request, placement, pushed_id)
+            if first is None:  # placed so, or the prefill worker failed again: decode prefills locally
                 self._free_staged(placement, pushed_id)
                 handed_to_decode = True
-                async with contextlib.aclosing(self._decode(request, placement, "", started, outcome)) as steps:
+                async with contextlib.aclosing(self._moving(
+                        request, placement, self._decode(request, placement, "", started, outcome), [], started)) as steps:
                     async for step in steps:
                         yield step
                 return
@@ -209,16 +239,17 @@ class Pipeline:
                 decoding = self._decode(request, placement, pushed_id, started, outcome, after_first=first_id)
             else:
                 decoding = self._decode(request, placement, pushed_id, started, outcome, expect_first=first_id)
+            produced = [first_id]
             try:
-                async with contextlib.aclosing(decoding) as steps:
+                async with contextlib.aclosing(self._moving(request, placement, decoding, produced, started)) as steps:
                     async for step in steps:
                         yield step
             except _FirstTokenMismatch:
                 self._metrics.first_token_mismatches.inc()
                 # The prompt's KV now sits in the decode worker's prefix cache.
                 resumed = dataclasses.replace(request, request_id=f"{request.request_id}-resumed")
-                async with contextlib.aclosing(
-                        self._decode(resumed, placement, "", started, outcome, after_first=first_id)) as steps:
+                decoding = self._decode(resumed, placement, "", started, outcome, after_first=first_id)
+                async with contextlib.aclosing(self._moving(request, placement, decoding, [first_id], started)) as steps:
                     async for step in steps:
                         yield step
             log.info("request finished", prefill=placement.prefill.worker_id,
@@ -247,6 +278,45 @@ class Pipeline:
                 self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
                              detail="decode ended before reporting its KV load (stop string, client gone or error)")
 
+    async def _moving(self, request: EngineRequest, placement: control_plane_pb2.Placement,
+                      decoding: AsyncIterator[Step], produced: list[int], started: float) -> AsyncIterator[Step]:
+        """``decoding``'s steps; when its decode worker fails mid-answer, the
+        request moves to another decode worker, which prefills the prompt
+        and the tokens already streamed (``produced``, those before
+        ``decoding`` included) and goes on: the client sees one unbroken
+        stream. At most ``decode_moves`` times per request."""
+        budget = request.params.max_tokens
+        moved_to: list[str] = []  # the moves' transfers, closed when the answer ends
+        try:
+            for move in range(self._decode_moves + 1):
+                try:
+                    async with contextlib.aclosing(decoding) as steps:
+                        async for step in steps:
+                            produced.extend(step.tokens.token_ids)
+                            yield step
+                    return
+                except _DecodeWorkerFailed as failed:
+                    left = budget - len(produced)
+                    if move == self._decode_moves or left < 1:
+                        raise failed.error from None
+                    log.warning("decode worker failed mid-answer; moving the request", error=failed.error.message,
+                                decode=placement.decode.worker_id, tokens_streamed=len(produced))
+                self._metrics.decode_moves.inc()
+                params = request.params.clone()
+                params.max_tokens = left
+                params.min_tokens = max(0, params.min_tokens - len(produced))
+                moved = dataclasses.replace(request, request_id=f"{request.request_id}-moved{move + 1}",
+                                            prompt_token_ids=[*request.prompt_token_ids, *produced], params=params,
+                                            remote_prefill=False)
+                placement = await self._schedule_shielded(moved, avoid=(placement.decode.worker_id,))
+                moved_to.append(placement.transfer_id)
+                decoding = self._decode(moved, placement, "", started, common_pb2.KVLoadStats(),
+                                        continued=bool(produced))
+        finally:
+            for transfer_id in moved_to:
+                self._report(transfer_id, control_plane_pb2.TRANSFER_OUTCOME_LOCAL,
+                             detail="a failed decode worker's request, moved here")
+
     async def _prefill(self, request: EngineRequest, placement: control_plane_pb2.Placement,
                        transfer_id: str) -> prefill_pb2.PrefillResponse | None:
         """The first token, or None when the prefill worker is unreachable."""
@@ -266,10 +336,12 @@ class Pipeline:
 
     async def _decode(self, request: EngineRequest, placement: control_plane_pb2.Placement, transfer_id: str,
                       started: float, outcome: common_pb2.KVLoadStats, *, expect_first: int | None = None,
-                      after_first: int | None = None) -> AsyncIterator[Step]:
+                      after_first: int | None = None, continued: bool = False) -> AsyncIterator[Step]:
         """Decode the answer; ``outcome`` gets the decode's KV load stats.
         ``expect_first``: the token prefill streamed, to be sampled again and
-        checked, not repeated. ``after_first``: continue after that token."""
+        checked, not repeated. ``after_first``: continue after that token.
+        ``continued``: the prompt holds tokens the client already has (a
+        moved request): no first token, no prompt logprobs from it."""
         params = request.params
         message = decode_pb2.DecodeRequest(request_id=request.request_id,
                                            prompt_token_ids=request.prompt_token_ids, transfer_id=transfer_id)
@@ -283,7 +355,7 @@ class Pipeline:
             message.first_token_id = after_first
         message.sampling.CopyFrom(sampling.encode(params))
         decode = decode_pb2_grpc.DecodeWorkerStub(self._channels.get(placement.decode.address))
-        ttft_pending = expect_first is None and after_first is None  # local prefill
+        ttft_pending = not continued and expect_first is None and after_first is None  # local prefill
         finished = False
         call = decode.Decode(message, timeout=self._timeout_s)
         try:
@@ -305,9 +377,12 @@ class Pipeline:
                     outcome.CopyFrom(item.kv)
                 finished = tokens.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
                 if tokens.token_ids or finished:
-                    yield Step(tokens, outcome if finished else None, list(item.prompt_logprobs))
+                    yield Step(tokens, outcome if finished else None, [] if continued else list(item.prompt_logprobs))
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, f"decode worker {placement.decode.worker_id}") from exc
+            error = from_rpc_error(exc, f"decode worker {placement.decode.worker_id}")
+            if exc.code() in _WORKER_FAILED:
+                raise _DecodeWorkerFailed(error) from exc
+            raise error from exc
         finally:
             # Closed early (client gone, stop string, mismatch): cancel now,
             # not when the call is garbage-collected, so the worker stops.

@@ -6,6 +6,7 @@ import json
 import re
 import signal
 import subprocess
+from pathlib import Path
 
 import grpc
 import httpx
@@ -49,6 +50,9 @@ def test_status_lists_the_workers_with_counters(stack):
         assert row["labels"] == parse_labels(WORKER_LABELS)
         assert row["address"].startswith("127.0.0.1:")
         assert row["transfers"]["consumed"] >= 1
+        # The worker's own process, for an operator (or a fault test) to signal.
+        assert f"--worker-id {worker_id}" in Path(f"/proc/{row['pid']}/cmdline").read_bytes().replace(
+            b"\0", b" ").decode()
     assert rows["decode-0"]["kv_address"].startswith("127.0.0.1:")
 
 

@@ -1,0 +1,156 @@
+"""Workers dying or draining while Baton serves, with real processes and
+real signals, beside the shared stack: an extra decode worker is SIGKILLed
+(with its engine), or SIGTERMed, while greedy answers stream from it. Every
+stream ends complete (all its tokens, no error event) after being moved
+mid-answer, new requests go elsewhere at once (not when its lease runs
+out), and the counters come back to zero.
+
+The moved answers are compared with the answers without a failure, but not
+asserted equal: a move recomputes the streamed tokens' KV in a prefill, and
+in bf16 that can flip a near tie later in the answer, as vLLM's own
+recompute after preemption can; batching with other streams alone flips
+some (measured here, 6 streams per run, moves after 1-20 tokens: 0, 0, 1,
+1 and 1 answers differed in five runs). What the test
+asserts is what the design guarantees: nothing lost, nothing broken."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import grpc
+import httpx
+import pytest
+
+from baton.v1 import control_plane_pb2, control_plane_pb2_grpc
+from tests.e2e.conftest import REPO, WORKER_LABELS, baton_command, wait_for
+
+VICTIM = "decode-victim"
+# Prompts whose greedy answers did not depend on what else the engine
+# batched with them (6 rounds of 6 of 12 topics, measured here); for others
+# ("an old library", "a night train") six concurrent streams change the
+# answer at a near tie with no failure at all, which would hide what a
+# move changes in the printed comparison.
+TOPICS = ["a lighthouse keeper", "a desert caravan", "a river town", "a mountain pass", "a small robot",
+          "a painter"]
+MAX_TOKENS = 40
+
+
+def workers(stack) -> dict[str, control_plane_pb2.WorkerStatus]:
+    with grpc.insecure_channel(stack.control_plane) as channel:
+        reply = control_plane_pb2_grpc.ControlPlaneStub(channel).ListWorkers(
+            control_plane_pb2.ListWorkersRequest(), timeout=10)
+    return {w.worker_id: w for w in reply.workers}
+
+
+@contextlib.contextmanager
+def extra_decode_worker(stack, log_path, drain_timeout_s: float = 20):
+    with open(log_path, "wb") as log:
+        # Its own session: SIGKILL to the group takes its engine down with it.
+        # On the decode engine's core, not the prefill engine's (NIXL reads
+        # stall with producer and consumer on one core: baton.local_stack).
+        proc = subprocess.Popen(baton_command("decode-worker", *stack.env_flags(), "--worker-id", VICTIM,
+                                              "--cpu-cores", "1"),
+                                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+                                env={**os.environ, "BATON_LABELS": WORKER_LABELS,
+                                     "BATON_DRAIN_TIMEOUT_S": str(drain_timeout_s)})
+    try:
+        wait_for(lambda: VICTIM in workers(stack) or proc.poll() is not None, 600, f"{VICTIM} to join")
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
+def body(stack, topic: str, stream: bool) -> dict:
+    request = {"model": stack.model_name, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
+               "stream": stream, "messages": [{"role": "user", "content": f"Tell a long story about {topic}."}]}
+    if stream:
+        request["stream_options"] = {"include_usage": True}
+    return request
+
+
+def answer(stack, topic: str) -> str:
+    response = httpx.post(f"{stack.http_base}/chat/completions", json=body(stack, topic, False), timeout=300)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def stream(stack, topic: str, out: dict) -> None:
+    """The streamed text, its finish reason and any error event, in ``out``."""
+    text, finish, errors, tokens = [], None, [], 0
+    try:
+        with httpx.stream("POST", f"{stack.http_base}/chat/completions", json=body(stack, topic, True),
+                          timeout=300) as response:
+            for line in response.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    errors.append(event["error"])
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+                for choice in event.get("choices", []):
+                    text.append(choice["delta"].get("content") or "")
+                    finish = choice.get("finish_reason") or finish
+    except httpx.HTTPError as exc:
+        errors.append(repr(exc))
+    out[topic] = {"text": "".join(text), "finish_reason": finish, "errors": errors, "tokens": tokens}
+
+
+def router_counter(stack, name: str) -> float:
+    metrics = httpx.get(stack.http_base.removesuffix("/v1") + "/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name + " "))
+
+
+@pytest.fixture(scope="module")
+def expected(stack) -> dict[str, str]:
+    """The answers without a failure."""
+    return {topic: answer(stack, topic) for topic in TOPICS}
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_decode_worker_that_dies_or_drains_mid_answer_loses_nothing(stack, expected, how, tmp_path):
+    # SIGTERM: a drain too short for these answers, so the rest is moved.
+    with extra_decode_worker(stack, tmp_path / f"{VICTIM}.log", drain_timeout_s=1) as victim:
+        moves_before = router_counter(stack, "baton_decode_moves_total")
+        results: dict[str, dict] = {}
+        threads = [threading.Thread(target=stream, args=(stack, topic, results)) for topic in TOPICS]
+        for thread in threads:
+            thread.start()
+        # Once its engine is decoding some of them, and has streamed a while.
+        wait_for(lambda: workers(stack)[VICTIM].engine.running > 0, 120, f"{VICTIM} to decode", interval_s=0.1)
+        time.sleep(1.0)
+        if how == "SIGKILL":
+            os.killpg(victim.pid, signal.SIGKILL)
+        else:
+            victim.send_signal(signal.SIGTERM)
+        after_kill = [answer(stack, topic) for topic in TOPICS[:2]]
+        for thread in threads:
+            thread.join(300)
+        if how == "SIGTERM":
+            assert victim.wait(60) == 0, "a drained worker exits cleanly"
+    check_nothing_lost(stack, expected, results, after_kill, moves_before)
+
+
+def check_nothing_lost(stack, expected, results, after_kill, moves_before):
+    # New requests sent right after went elsewhere, without an error (answer() checks the status).
+    assert all(after_kill)
+    for topic in TOPICS:
+        got = results[topic]
+        assert got["errors"] == [] and got["finish_reason"] == "length", (topic, got)
+        assert got["tokens"] == MAX_TOKENS and got["text"], (topic, got)
+    same = sum(results[t]["text"] == expected[t] for t in TOPICS)
+    print(f"{same} of {len(TOPICS)} answers equal to the answers without a failure")
+    assert router_counter(stack, "baton_decode_moves_total") > moves_before, "nothing was moved"
+    # Gone from the registry when its lease ran out; nothing left in flight.
+    wait_for(lambda: VICTIM not in workers(stack), 30, f"{VICTIM} to leave the registry")
+    wait_for(lambda: all(w.in_flight == 0 and w.running == 0 for w in workers(stack).values()), 30,
+             "in-flight counts back to zero")

@@ -1,0 +1,171 @@
+"""The pipeline when a worker fails, against in-process stand-ins: a failed
+prefill is placed again without its worker; a decode worker failing
+mid-answer hands the request to another with the tokens already streamed,
+and the client's stream goes on unbroken. The stand-in model's next token
+is a function of its position, so a correct move changes nothing."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from vllm import SamplingParams
+
+from baton import sampling
+from baton.errors import RetryableError
+from baton.rpc import ServiceBinding, free_port, start_server
+from baton.v1 import (
+    common_pb2,
+    control_plane_pb2,
+    control_plane_pb2_grpc,
+    decode_pb2,
+    decode_pb2_grpc,
+    prefill_pb2,
+    prefill_pb2_grpc,
+)
+from router.metrics import Metrics
+from router.pipeline import EngineRequest, Pipeline
+
+PROMPT = [1, 2, 3]
+
+
+def token_at(position: int) -> int:
+    return 100 + position
+
+
+class Worker(prefill_pb2_grpc.PrefillWorkerServicer, decode_pb2_grpc.DecodeWorkerServicer):
+    def __init__(self, worker_id: str, fail_after: int | None = None):
+        """``fail_after``: tokens a decode streams before its worker dies
+        (None: never; prefill: fails at once when set)."""
+        self.worker_id = worker_id
+        self.fail_after = fail_after
+        self.calls: list = []
+        self.address = ""
+
+    async def Prefill(self, request, context):
+        self.calls.append(request)
+        if self.fail_after is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker died")
+        return prefill_pb2.PrefillResponse(
+            first=common_pb2.GeneratedTokens(token_ids=[token_at(len(request.prompt_token_ids))]))
+
+    async def Decode(self, request, context):
+        self.calls.append(request)
+        position = len(request.prompt_token_ids) + request.HasField("first_token_id")
+        max_tokens = sampling.decode(request.sampling).max_tokens
+        for i in range(max_tokens):
+            if self.fail_after is not None and i == self.fail_after:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+            last = i == max_tokens - 1
+            yield decode_pb2.DecodeResponse(tokens=common_pb2.GeneratedTokens(
+                token_ids=[token_at(position + i)],
+                finish_reason=common_pb2.FINISH_REASON_LENGTH if last else common_pb2.FINISH_REASON_UNSPECIFIED))
+
+
+class ControlPlane(control_plane_pb2_grpc.ControlPlaneServicer):
+    """Places on the first prefill and decode worker not avoided so far."""
+
+    def __init__(self, prefill: list[Worker], decode: list[Worker]):
+        self.prefill, self.decode = prefill, decode
+        self.avoided: set[str] = set()
+        self.schedules: list[control_plane_pb2.ScheduleRequest] = []
+        self.reports: list[control_plane_pb2.TransferReport] = []
+
+    async def Schedule(self, request, context):
+        self.schedules.append(request)
+        self.avoided.update(request.avoid_workers)
+        decode = next(w for w in self.decode if w.worker_id not in self.avoided)
+        placement = control_plane_pb2.Placement(
+            decode=control_plane_pb2.WorkerEndpoint(worker_id=decode.worker_id, address=decode.address,
+                                                    kv_address=decode.address),
+            transfer_id=f"t{len(self.schedules)}", kv_backend="nixl")
+        prefill = next((w for w in self.prefill if w.worker_id not in self.avoided), None)
+        if prefill is not None and not (request.HasField("remote_prefill") and not request.remote_prefill):
+            placement.prefill.CopyFrom(control_plane_pb2.WorkerEndpoint(worker_id=prefill.worker_id,
+                                                                        address=prefill.address))
+        return placement
+
+    async def ReportTransfer(self, request, context):
+        self.reports.append(request)
+        return control_plane_pb2.TransferReportAck(state="closed")
+
+    async def ReportPrefillDone(self, request, context):
+        return control_plane_pb2.TransferReportAck(state="prefilled")
+
+
+async def run(prefill: list[Worker], decode: list[Worker], max_tokens: int = 8, moves: int = 2):
+    servers = []
+    for worker in [*prefill, *decode]:
+        port = free_port()
+        worker.address = f"127.0.0.1:{port}"
+        server, _, _ = await start_server(worker.worker_id, [
+            ServiceBinding("baton.v1.PrefillWorker", prefill_pb2_grpc.add_PrefillWorkerServicer_to_server, worker),
+            ServiceBinding("baton.v1.DecodeWorker", decode_pb2_grpc.add_DecodeWorkerServicer_to_server, worker),
+        ], "127.0.0.1", port)
+        servers.append(server)
+    control_plane = ControlPlane(prefill, decode)
+    port = free_port()
+    servers.append((await start_server("cp", [ServiceBinding(
+        "baton.v1.ControlPlane", control_plane_pb2_grpc.add_ControlPlaneServicer_to_server, control_plane)],
+        "127.0.0.1", port))[0])
+    metrics = Metrics()
+    pipeline = Pipeline(f"127.0.0.1:{port}", registry=None, model_name="m", metrics=metrics, timeout_s=10,
+                        decode_moves=moves)
+    tokens = []
+    try:
+        async for step in pipeline.generate(EngineRequest("r", PROMPT, SamplingParams(max_tokens=max_tokens,
+                                                                                      temperature=0))):
+            tokens.extend(step.tokens.token_ids)
+        return tokens, control_plane, metrics
+    finally:
+        await pipeline.close()
+        for server in servers:
+            await server.stop(0)
+
+
+EXPECTED = [token_at(len(PROMPT) + i) for i in range(8)]
+
+
+async def test_no_failure_no_move():
+    tokens, control_plane, metrics = await run([Worker("p1")], [Worker("d1"), Worker("d2")])
+    assert tokens == EXPECTED
+    assert len(control_plane.schedules) == 1 and metrics.decode_moves._value.get() == 0
+
+
+async def test_a_decode_worker_failing_mid_answer_hands_the_request_over_and_the_stream_goes_on():
+    d1, d2 = Worker("d1", fail_after=3), Worker("d2")
+    tokens, control_plane, metrics = await run([Worker("p1")], [d1, d2])
+    assert tokens == EXPECTED, "one unbroken stream, as without the failure"
+    moved = control_plane.schedules[-1]
+    assert list(moved.avoid_workers) == ["d1"] and moved.HasField("remote_prefill") and not moved.remote_prefill
+    (handed,) = d2.calls
+    # The prompt and the 1 + 3 tokens already streamed; the rest to go.
+    assert list(handed.prompt_token_ids) == PROMPT + EXPECTED[:4] and not handed.transfer_id
+    assert sampling.decode(handed.sampling).max_tokens == 4
+    assert metrics.decode_moves._value.get() == 1
+    # The move's own placement is closed when the answer ends.
+    assert any(r.transfer_id == "t2" and r.outcome == control_plane_pb2.TRANSFER_OUTCOME_LOCAL
+               for r in control_plane.reports)
+
+
+async def test_moves_are_bounded_then_the_client_gets_the_error():
+    decode = [Worker(f"d{i}", fail_after=1) for i in range(4)]
+    with pytest.raises(RetryableError, match="decode worker d2"):
+        await run([Worker("p1")], decode, moves=2)
+
+
+async def test_a_failed_prefill_is_placed_again_without_its_worker():
+    p1, p2 = Worker("p1", fail_after=0), Worker("p2")
+    tokens, control_plane, metrics = await run([p1, p2], [Worker("d1")])
+    assert tokens == EXPECTED
+    assert [list(s.avoid_workers) for s in control_plane.schedules] == [[], ["p1"]]
+    assert len(p2.calls) == 1 and metrics.prefill_retries._value.get() == 1
+    assert any(r.transfer_id == "t1" and r.outcome == control_plane_pb2.TRANSFER_OUTCOME_FAILED
+               for r in control_plane.reports)
+
+
+async def test_with_no_other_prefill_worker_the_decode_worker_prefills():
+    d1 = Worker("d1")
+    tokens, control_plane, _ = await run([Worker("p1", fail_after=0)], [d1])
+    assert tokens == EXPECTED
+    (decode,) = d1.calls
+    assert list(decode.prompt_token_ids) == PROMPT and not decode.transfer_id
