@@ -50,3 +50,7 @@ bench-handoff: setup
 .PHONY: bench-routing
 bench-routing: setup
 	$(PY) -m bench.routing $(ARGS)
+
+.PHONY: soak
+soak: setup
+	$(PY) -m bench.soak $(ARGS)

@@ -331,7 +331,7 @@ class Pipeline:
             error = from_rpc_error(exc, f"prefill worker {placement.prefill.worker_id}")
             if not isinstance(error, RetryableError):
                 raise error from exc
-            log.warning("prefill failed; decode worker prefills locally", error=error.message)
+            log.warning("prefill failed", prefill=placement.prefill.worker_id, error=error.message)
             return None
 
     async def _decode(self, request: EngineRequest, placement: control_plane_pb2.Placement, transfer_id: str,

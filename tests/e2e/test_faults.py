@@ -29,8 +29,9 @@ import pytest
 
 from baton.v1 import control_plane_pb2, control_plane_pb2_grpc
 from tests.e2e.conftest import REPO, WORKER_LABELS, baton_command, wait_for
+from tests.e2e.prompts import long_document
 
-VICTIM = "decode-victim"
+VICTIM = "victim"
 # Prompts whose greedy answers did not depend on what else the engine
 # batched with them (6 rounds of 6 of 12 topics, measured here); for others
 # ("an old library", "a night train") six concurrent streams change the
@@ -49,13 +50,14 @@ def workers(stack) -> dict[str, control_plane_pb2.WorkerStatus]:
 
 
 @contextlib.contextmanager
-def extra_decode_worker(stack, log_path, drain_timeout_s: float = 20):
+def extra_worker(stack, log_path, role: str = "decode", drain_timeout_s: float = 20):
+    # A decode worker on the decode engine's core, a prefill worker on the
+    # prefill engine's (NIXL reads stall with a producer and a consumer on
+    # one core: baton.local_stack).
     with open(log_path, "wb") as log:
         # Its own session: SIGKILL to the group takes its engine down with it.
-        # On the decode engine's core, not the prefill engine's (NIXL reads
-        # stall with producer and consumer on one core: baton.local_stack).
-        proc = subprocess.Popen(baton_command("decode-worker", *stack.env_flags(), "--worker-id", VICTIM,
-                                              "--cpu-cores", "1"),
+        proc = subprocess.Popen(baton_command(f"{role}-worker", *stack.env_flags(), "--worker-id", VICTIM,
+                                              "--cpu-cores", "1" if role == "decode" else "0"),
                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
                                 env={**os.environ, "BATON_LABELS": WORKER_LABELS,
                                      "BATON_DRAIN_TIMEOUT_S": str(drain_timeout_s)})
@@ -69,9 +71,10 @@ def extra_decode_worker(stack, log_path, drain_timeout_s: float = 20):
         proc.wait(30)
 
 
-def body(stack, topic: str, stream: bool) -> dict:
+def body(stack, topic: str, stream: bool, content: str = "") -> dict:
+    content = content or f"Tell a long story about {topic}."
     request = {"model": stack.model_name, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
-               "stream": stream, "messages": [{"role": "user", "content": f"Tell a long story about {topic}."}]}
+               "stream": stream, "messages": [{"role": "user", "content": content}]}
     if stream:
         request["stream_options"] = {"include_usage": True}
     return request
@@ -83,11 +86,11 @@ def answer(stack, topic: str) -> str:
     return response.json()["choices"][0]["message"]["content"]
 
 
-def stream(stack, topic: str, out: dict) -> None:
+def stream(stack, topic: str, out: dict, content: str = "") -> None:
     """The streamed text, its finish reason and any error event, in ``out``."""
     text, finish, errors, tokens = [], None, [], 0
     try:
-        with httpx.stream("POST", f"{stack.http_base}/chat/completions", json=body(stack, topic, True),
+        with httpx.stream("POST", f"{stack.http_base}/chat/completions", json=body(stack, topic, True, content),
                           timeout=300) as response:
             for line in response.iter_lines():
                 if not line.startswith("data: {"):
@@ -119,7 +122,7 @@ def expected(stack) -> dict[str, str]:
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_a_decode_worker_that_dies_or_drains_mid_answer_loses_nothing(stack, expected, how, tmp_path):
     # SIGTERM: a drain too short for these answers, so the rest is moved.
-    with extra_decode_worker(stack, tmp_path / f"{VICTIM}.log", drain_timeout_s=1) as victim:
+    with extra_worker(stack, tmp_path / f"{VICTIM}.log", drain_timeout_s=1) as victim:
         moves_before = router_counter(stack, "baton_decode_moves_total")
         results: dict[str, dict] = {}
         threads = [threading.Thread(target=stream, args=(stack, topic, results)) for topic in TOPICS]
@@ -153,4 +156,34 @@ def check_nothing_lost(stack, expected, results, after_kill, moves_before):
     # Gone from the registry when its lease ran out; nothing left in flight.
     wait_for(lambda: VICTIM not in workers(stack), 30, f"{VICTIM} to leave the registry")
     wait_for(lambda: all(w.in_flight == 0 and w.running == 0 for w in workers(stack).values()), 30,
+             "in-flight counts back to zero")
+
+
+def test_a_prefill_worker_killed_while_prefilling_loses_nothing(stack, tmp_path):
+    """Long prompts, so some are on the victim's engine when it dies: they
+    are placed again (the other prefill worker, or their decode worker)."""
+    documents = [f"Summarize this report.\n\n{long_document(900 + i, 90)}" for i in range(4)]
+    with extra_worker(stack, tmp_path / f"{VICTIM}.log", role="prefill") as victim:
+        retries_before = router_counter(stack, "baton_prefill_retries_total")
+        results: dict[str, dict] = {}
+        requests = {f"doc{i}": text for i, text in enumerate(documents)}
+
+        def run(name: str) -> None:
+            stream(stack, name, results, content=requests[name])
+
+        threads = [threading.Thread(target=run, args=(name,)) for name in requests]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: workers(stack)[VICTIM].queued_prefill_tokens > 0, 120, f"{VICTIM} to prefill",
+                 interval_s=0.05)
+        os.killpg(victim.pid, signal.SIGKILL)
+        for thread in threads:
+            thread.join(300)
+    for name in requests:
+        got = results[name]
+        assert got["errors"] == [] and got["finish_reason"] == "length", (name, got)
+        assert got["tokens"] == MAX_TOKENS, (name, got)
+    assert router_counter(stack, "baton_prefill_retries_total") > retries_before, "no prefill was placed again"
+    wait_for(lambda: VICTIM not in workers(stack), 30, f"{VICTIM} to leave the registry")
+    wait_for(lambda: all(w.in_flight == 0 and w.queued_prefill_tokens == 0 for w in workers(stack).values()), 30,
              "in-flight counts back to zero")
