@@ -39,7 +39,7 @@ VICTIM = "victim"
 # move changes in the printed comparison.
 TOPICS = ["a lighthouse keeper", "a desert caravan", "a river town", "a mountain pass", "a small robot",
           "a painter"]
-MAX_TOKENS = 40
+MAX_TOKENS = 64
 
 
 def workers(stack) -> dict[str, control_plane_pb2.WorkerStatus]:
@@ -121,17 +121,19 @@ def expected(stack) -> dict[str, str]:
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_a_decode_worker_that_dies_or_drains_mid_answer_loses_nothing(stack, expected, how, tmp_path):
-    # SIGTERM: a drain too short for these answers, so the rest is moved.
-    with extra_worker(stack, tmp_path / f"{VICTIM}.log", drain_timeout_s=1) as victim:
+    # SIGTERM: a drain far shorter than what is left of these answers, so
+    # what is running then is moved.
+    with extra_worker(stack, tmp_path / f"{VICTIM}.log", drain_timeout_s=0.3) as victim:
         moves_before = router_counter(stack, "baton_decode_moves_total")
         results: dict[str, dict] = {}
         threads = [threading.Thread(target=stream, args=(stack, topic, results)) for topic in TOPICS]
         for thread in threads:
             thread.start()
-        # Once its engine is decoding some of them, and has streamed a while.
+        # Once its engine is decoding some of them (and, to be killed, has
+        # streamed a while).
         wait_for(lambda: workers(stack)[VICTIM].engine.running > 0, 120, f"{VICTIM} to decode", interval_s=0.1)
-        time.sleep(1.0)
         if how == "SIGKILL":
+            time.sleep(1.0)
             os.killpg(victim.pid, signal.SIGKILL)
         else:
             victim.send_signal(signal.SIGTERM)
