@@ -37,7 +37,7 @@ async def collect_status(settings: Settings) -> dict:
         c = counters.get(w.worker_id)
         row = {"worker_id": w.worker_id, "role": w.role, "pid": w.pid, "address": w.address,
                "kv_address": w.kv_address, "model": w.model,
-               "state": c.state if c and c.state == "suspect" else w.state, "labels": dict(w.labels)}
+               "state": c.state if c else w.state, "labels": dict(w.labels)}
         row["transfers"] = None if not reachable else {
             "in_flight": c.in_flight if c else 0, "total": c.transfers_total if c else 0,
             "consumed": c.transfers_consumed if c else 0, "failed": c.transfers_failed if c else 0,

@@ -89,11 +89,16 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
         self._prefixes.track(worker_id, events=record.kv_events, block_size=record.block_size,
                              capacity_blocks=record.kv_cache_blocks)
 
+    def _state(self, worker: WorkerRecord) -> str:
+        """Its registry state, unless a request just failed on it."""
+        return "suspect" if worker.worker_id in self.suspects else worker.state
+
     def _candidate(self, worker: WorkerRecord, keys: _PromptKeys, now_s: float) -> Candidate:
         block_size = self._prefixes.block_size(worker.worker_id) or worker.block_size
         matched = self._prefixes.matched_blocks(worker.worker_id, keys.at(block_size), now_s)
         worker_id = worker.worker_id
-        return Candidate.of(worker, self._transfers.in_flight(worker_id), cached_tokens=matched * block_size,
+        return Candidate.of(worker, self._transfers.in_flight(worker_id), self._state(worker),
+                            cached_tokens=matched * block_size,
                             queued_prefill_tokens=self._transfers.queued_prefill_tokens(worker_id),
                             running=self._transfers.running(worker_id),
                             decoding=self._transfers.decoding(worker_id),
@@ -102,8 +107,7 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
 
     def _pick(self, role: str, request: SchedulingRequest, keys: _PromptKeys, now_s: float) -> Candidate:
         """Raises ``NoWorker`` (its message names the role's pool)."""
-        candidates = [self._candidate(w, keys, now_s) for w in self._registry.by_role(role)
-                      if w.state == "ready" and w.worker_id not in self.suspects]
+        candidates = [self._candidate(w, keys, now_s) for w in self._registry.by_role(role)]
         try:
             return self._schedulers[role].pick(request, candidates)
         except NoWorker as exc:
@@ -234,7 +238,7 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
             response.workers.append(control_plane_pb2.WorkerStatus(
                 worker_id=worker.worker_id, role=_ROLE.get(worker.role, 0), address=worker.address,
                 kv_address=worker.kv_address, model=worker.model,
-                state="suspect" if worker.worker_id in self.suspects else worker.state,
+                state=self._state(worker),
                 in_flight=self._transfers.in_flight(worker.worker_id),
                 transfers_total=counts.get("total", 0), transfers_consumed=counts.get("consumed", 0),
                 transfers_failed=counts.get("failed", 0), transfers_expired=counts.get("expired", 0),

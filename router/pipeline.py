@@ -166,8 +166,7 @@ class Pipeline:
         wanted = SchedulingRequest(self._model_name, len(request.prompt_token_ids), request.required_labels)
         chosen = {}
         for role, scheduler in self._fallback.items():
-            pool = {w.worker_id: w for w in self._registry.by_role(role)
-                    if w.state == "ready" and w.worker_id not in avoid}
+            pool = {w.worker_id: w for w in self._registry.by_role(role) if w.worker_id not in avoid}
             try:
                 pick = scheduler.pick(wanted, [Candidate.of(w) for w in pool.values()])
             except NoWorker as exc:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from control_plane.scheduling.filters.labels import HasLabels
 from control_plane.scheduling.filters.load_gap import LoadGapCap
 from control_plane.scheduling.filters.model import ServesModel
+from control_plane.scheduling.filters.ready import Ready
 from control_plane.scheduling.filters.saturation import NotSaturated
 from control_plane.scheduling.pickers.best_score import BestScore
 from control_plane.scheduling.pickers.rotation import Rotation
@@ -17,7 +18,8 @@ from control_plane.scheduling.scorers.prefill_cost import PrefillCost
 
 
 def _filters():
-    return [ServesModel(), HasLabels()]
+    # Ready last: a label nobody carries stays the client's error.
+    return [ServesModel(), HasLabels(), Ready()]
 
 
 def _kv_aware(role: str) -> Scheduler:

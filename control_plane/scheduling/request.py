@@ -36,10 +36,13 @@ class Candidate:
     decoding: int = 0  # decode: of those, the ones whose prompt is in (not still on a prefill worker)
     decode_tokens: int = 0  # decode: their prompt + answer tokens, the KV they hold
     engine: EngineReport | None = None  # None: the engine never reported
+    state: str = "ready"  # "draining" or "suspect": takes no new work
 
     @classmethod
-    def of(cls, worker: WorkerRecord, in_flight: int = 0, **load) -> Candidate:
-        return cls(worker.worker_id, worker.model, dict(worker.labels), in_flight, **load)
+    def of(cls, worker: WorkerRecord, in_flight: int = 0, state: str = "", **load) -> Candidate:
+        """``state``: what the caller knows beyond the registry (a suspect)."""
+        return cls(worker.worker_id, worker.model, dict(worker.labels), in_flight, state=state or worker.state,
+                   **load)
 
     def uncached_tokens(self, request: SchedulingRequest) -> int:
         return max(0, request.prompt_tokens - self.cached_tokens)

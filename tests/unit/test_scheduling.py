@@ -227,3 +227,13 @@ def test_without_a_prefill_worker_decode_serves_alone_and_always_means_always():
     always = Disaggregation(enabled=False)
     assert always.decide(request, Candidate("p"), Candidate("d")) == DISAGGREGATED
     assert always.decide(request, None, Candidate("d")) == NO_PREFILL_WORKER
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_passes_over_draining_and_suspect_workers(name):
+    scheduler = make_scheduler(name)
+    pool = [Candidate("a", "m", state="draining"), Candidate("b", "m"), Candidate("c", "m", state="suspect")]
+    assert {scheduler.pick(SchedulingRequest("m"), pool).worker_id for _ in range(4)} == {"b"}
+    with pytest.raises(NoWorker, match="draining or suspect") as none:
+        scheduler.pick(SchedulingRequest("m"), [pool[0], pool[2]])
+    assert not none.value.client_error
