@@ -166,9 +166,12 @@ class _Offer:
     req_id: str
     transfer_id: str
     consumer: str  # agent name
-    created_s: float
     held: bool | None = None  # set once the scheduler said whether it delayed the free
     done: bool = False
+    # Its TTL runs from when the consumer is told the blocks are ready to
+    # read (None until then), not from when the step that computes them
+    # began: one prefill step can outlast the TTL on a loaded host.
+    announced_s: float | None = None
 
 
 @dataclass
@@ -238,7 +241,7 @@ class NixlBackend:
     # --- producer ---------------------------------------------------------
     def send(self, spec: SaveSpec) -> _Outbound:
         consumer = self._peer(spec.kv_target)
-        offer = _Offer(spec.req_id, spec.transfer_id, consumer.agent, time.monotonic())
+        offer = _Offer(spec.req_id, spec.transfer_id, consumer.agent)
         with self._cond:
             self._offers[spec.transfer_id] = offer
             self._cond.notify_all()
@@ -246,6 +249,10 @@ class NixlBackend:
         return _Outbound(self, spec, consumer.agent)
 
     def _announce(self, spec: SaveSpec, consumer: str) -> None:
+        with self._cond:
+            offer = self._offers.get(spec.transfer_id)
+            if offer is not None:
+                offer.announced_s = time.monotonic()
         blocks = list(spec.block_ids)
         last = self._runs(self._tokens_in(len(blocks) - 1, spec.num_tokens))
         body = {"t": spec.transfer_id, "n": spec.num_tokens, "b": blocks,
@@ -263,6 +270,12 @@ class NixlBackend:
         if not req_ids:
             return
         with self._cond:
+            offered = {offer.req_id for offer in self._offers.values()}
+            if held:
+                # No offer left to wait for (it could not be opened, or it
+                # expired before this news): vLLM must free the blocks now,
+                # or the request stays and its engine steps forever.
+                self._freed |= req_ids - offered
             for offer in list(self._offers.values()):
                 if offer.req_id not in req_ids:
                     continue
@@ -480,11 +493,11 @@ class NixlBackend:
 
     def _expire(self, now: float) -> None:
         for offer in list(self._offers.values()):
-            if now - offer.created_s > self._offer_ttl_s:
+            if offer.announced_s is not None and now - offer.announced_s > self._offer_ttl_s:
                 if not offer.done:
                     log.warning("kv offer expired unread; freeing its blocks", transfer_id=offer.transfer_id)
                 offer.done = True
-                if offer.held is None:  # the scheduler never said: it did not hold them
+                if offer.held is None:  # no word yet whether they were held: ``hold`` frees them then
                     del self._offers[offer.transfer_id]
                 else:
                     self._release(offer)

@@ -170,3 +170,33 @@ def test_a_load_whose_request_ended_stops_waiting(pair):
     waiter.join(3)
     assert not waiter.is_alive() and time.monotonic() - started < 3
     assert "ended first" in str(errors[0].value)
+
+
+def test_held_blocks_without_an_offer_are_freed_at_once(pair):
+    """The prefill finished and vLLM kept its blocks for a transfer whose
+    offer could not be opened (or is gone): nothing will read them, and
+    an engine holding them would step forever."""
+    producer, _ = pair
+    producer.hold({"req-never-offered"}, True)
+    wait_freed(producer, "req-never-offered")
+
+
+def test_an_offer_lives_its_ttl_from_when_its_blocks_are_ready(pair):
+    """A prefill step longer than the offer TTL (a loaded host) does not
+    expire the offer before its blocks are even computed; once announced,
+    an unread offer expires after the TTL and its held blocks are freed."""
+    _, consumer = pair
+    producer = NixlBackend("test-slow-producer", offer_ttl_s=0.3)
+    producer.attach(make_cache(3))
+    try:
+        spec = SaveSpec("req-slow", "t-slow", consumer.endpoint(), (3,), BLOCK, "", "nixl")
+        outbound = producer.send(spec)
+        time.sleep(1.0)  # the step computing the prompt runs past the TTL
+        assert "t-slow" in producer._offers, "expired before its blocks were ready"
+        outbound.step_done()
+        producer._announcer.submit(lambda: None).result()
+        producer.hold({spec.req_id}, True)  # the request finished; vLLM keeps the blocks
+        assert producer.finished_sending() == set(), "freed before anyone could read them"
+        wait_freed(producer, spec.req_id)  # nobody read them: freed after the TTL
+    finally:
+        producer.close()
