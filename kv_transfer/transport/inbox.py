@@ -113,6 +113,7 @@ class Inbox:
         with self._cond:
             self._expire(time.monotonic())
             if tid in self._declined:
+                self.counters["refused"] += 1
                 return "declined by the consumer"
             if tid in self._items:
                 return "already received"
@@ -133,6 +134,9 @@ class Inbox:
         with self._cond:
             item = self._items.get(tid)
             if item is None or item.state != "receiving":
+                return
+            if tid in self._declined:  # its load gave up while it arrived: nobody will take it
+                self._drop(tid)
                 return
             if layers is None:
                 item.state, item.reason = "failed", reason
@@ -158,6 +162,9 @@ class Inbox:
                 limit = timeout_s if item is not None else min(start_timeout_s, timeout_s)
                 left = started + limit - time.monotonic()
                 if left <= 0:
+                    # The prompt is recomputed: what still comes is refused
+                    # (or dropped once in) rather than held until the TTL.
+                    self._declined[tid] = time.monotonic()
                     if item is None:
                         self.counters["never_started"] += 1
                         raise TransferUnavailable(f"transfer {tid}: its push never started within {limit:.1f} s")

@@ -61,6 +61,7 @@ class TransferUnavailable(Exception):
 
 Runs = tuple[tuple[int, int], ...]  # (element offset, length) within a block laid out as its shape
 MAX_PARTIAL_PIECES = 16  # per block and layer; a partial block in more pieces is read whole
+_PROGRESS_AFTER_SEND_S = 1.0  # how long the poller drives the agent after a notification went out
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,16 @@ class NixlBackend:
         self._notes: dict[str, _Note] = {}  # transfer id → latest word from its producer (consumer)
         self._waiting = 0  # consumer loads waiting for a note
         self._freed: set[str] = set()  # held req ids whose blocks may be freed
+        # Producer: transfers their consumer gave up on (or declined) before
+        # they were offered, by transfer id → when it said so; an offer that
+        # comes late is done at once instead of held until its TTL.
+        self._given_up: dict[str, float] = {}
         self._closed = False
+        # Without a progress thread, a notification sent while nothing else
+        # drives the agent stays queued (a consumer's "done" or "given up"
+        # after its last read, a first message before the connection is up):
+        # the poller drives it a while after each send.
+        self._progress_until = 0.0
         # One thread, so a transfer's B always goes out before its R.
         self._announcer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-nixl-announce")
         self._poller = threading.Thread(target=self._poll_loop, name="baton-nixl-notifs", daemon=True)
@@ -243,6 +253,7 @@ class NixlBackend:
         consumer = self._peer(spec.kv_target)
         offer = _Offer(spec.req_id, spec.transfer_id, consumer.agent)
         with self._cond:
+            offer.done = self._given_up.pop(spec.transfer_id, None) is not None
             self._offers[spec.transfer_id] = offer
             self._cond.notify_all()
         self._announcer.submit(self._notify, consumer.agent, b"B" + spec.transfer_id.encode())
@@ -265,6 +276,24 @@ class NixlBackend:
                 self._agent.send_notif(agent, message)
         except Exception as exc:
             log.warning("nixl notification failed", peer=agent, kind=message[:1].decode(), error=str(exc))
+            if type(exc).__name__ == "nixlRemoteDisconnectError":
+                self._consumer_gone(agent)
+            return
+        with self._cond:
+            self._progress_until = time.monotonic() + _PROGRESS_AFTER_SEND_S
+            self._cond.notify_all()
+
+    def _consumer_gone(self, agent: str) -> None:
+        """``agent`` disconnected: a restarted engine is another agent, so
+        nothing offered to it will be read; its blocks are freed now (once
+        held), not at the offer TTL."""
+        with self._cond:
+            gone = [offer for offer in self._offers.values() if offer.consumer == agent and not offer.done]
+            for offer in gone:
+                offer.done = True
+                self._release(offer)
+        if gone:
+            log.warning("kv consumer gone; freeing what was offered to it", peer=agent, offers=len(gone))
 
     def hold(self, req_ids: set[str], held: bool) -> None:
         if not req_ids:
@@ -455,6 +484,8 @@ class NixlBackend:
         while True:
             with self._cond:
                 while not self._closed and not self._waiting and not self._offers:
+                    if self._progress_until > time.monotonic():
+                        break
                     self._cond.wait()
                 if self._closed:
                     return
@@ -480,6 +511,8 @@ class NixlBackend:
             if offer is not None:
                 offer.done = True
                 self._release(offer)
+            else:
+                self._given_up[payload.decode()] = time.monotonic()
         elif kind == "B":
             self._notes.setdefault(payload.decode(), _Note("B", received_s=time.monotonic()))
         elif kind in ("R", "F"):
@@ -504,6 +537,9 @@ class NixlBackend:
         for tid, note in list(self._notes.items()):
             if now - note.received_s > self._offer_ttl_s:
                 del self._notes[tid]
+        for tid, said_s in list(self._given_up.items()):
+            if now - said_s > self._offer_ttl_s:
+                del self._given_up[tid]
 
     def close(self) -> None:
         with self._cond:

@@ -200,3 +200,68 @@ def test_an_offer_lives_its_ttl_from_when_its_blocks_are_ready(pair):
         wait_freed(producer, spec.req_id)  # nobody read them: freed after the TTL
     finally:
         producer.close()
+
+
+def test_an_offer_made_after_its_consumer_gave_up_is_freed_once_held(pair):
+    """The decode engine recomputed the prompt when no offer had come
+    within the start timeout; the prefill's late offer is not held for the
+    TTL (30 s here): its blocks are freed as soon as vLLM holds them."""
+    producer, consumer = pair
+    # Another prefill's offer keeps the producer reading its notifications:
+    # the consumer's "given up" arrives before the late offer exists.
+    other = offer(producer, consumer, "t-other", (5,), BLOCK)
+    load = LoadSpec("d-late", "t-late", (6,), 0, BLOCK, -1, "nixl", producer.endpoint())
+    with pytest.raises(TransferUnavailable, match="never started"):
+        consumer.receive(load)
+    consumer._announcer.submit(lambda: None).result()  # its "given up" went out
+    deadline = time.monotonic() + 5
+    while "t-late" not in producer._given_up and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "t-late" in producer._given_up, "the consumer's word did not arrive"
+    spec = offer(producer, consumer, "t-late", (4,), BLOCK)
+    producer.hold({spec.req_id}, True)
+    wait_freed(producer, spec.req_id)
+    producer.hold({other.req_id}, False)
+
+
+def _doomed_consumer(conn) -> None:
+    """A decode engine's side in its own process: reads one offer, then
+    waits to be killed."""
+    consumer = NixlBackend("test-doomed-consumer", fetch_timeout_ms=5_000, start_timeout_ms=3_000)
+    consumer.attach(make_cache(2))
+    conn.send(consumer.endpoint())
+    source = conn.recv()
+    conn.send(consumer.receive(LoadSpec("d-first", "t-first", (6,), 0, BLOCK, -1, "nixl", source)).bytes)
+    time.sleep(600)
+
+
+def test_blocks_offered_to_a_consumer_that_died_are_freed_at_once():
+    """The decode engine died (SIGKILL): what the prefill offered it is
+    freed when the next word to it fails, not at the offer TTL (30 s)."""
+    import multiprocessing as mp
+    import os
+    import signal
+
+    context = mp.get_context("spawn")
+    ours, theirs = context.Pipe()
+    process = context.Process(target=_doomed_consumer, args=(theirs,), daemon=True)
+    process.start()
+    producer = NixlBackend("test-producer-of-the-dead", offer_ttl_s=30)
+    try:
+        producer.attach(make_cache(1))
+        assert ours.poll(60), "the consumer did not start"
+        consumer_endpoint = ours.recv()
+        ours.send(producer.endpoint())
+        first = SaveSpec("req-first", "t-first", consumer_endpoint, (3,), BLOCK, "", "nixl")
+        producer.send(first).step_done()
+        assert ours.poll(30) and ours.recv() > 0, "the first offer was not read"
+        os.kill(process.pid, signal.SIGKILL)
+        process.join(10)
+        spec = SaveSpec("req-orphan", "t-orphan", consumer_endpoint, (4,), BLOCK, "", "nixl")
+        producer.send(spec).step_done()
+        producer.hold({first.req_id, spec.req_id}, True)
+        wait_freed(producer, spec.req_id)
+    finally:
+        producer.close()
+        if process.is_alive():
+            process.kill()

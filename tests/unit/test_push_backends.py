@@ -121,6 +121,21 @@ def test_a_transfer_that_never_starts_is_given_up_after_the_start_timeout(consum
     assert time.monotonic() - started < 5
 
 
+def test_a_push_that_comes_after_its_load_gave_up_is_refused(producer, consumer):
+    """The decode engine recomputed the prompt when the push had not begun
+    within the start timeout; the push that comes late is refused before
+    it is kept, not held in the inbox until its TTL."""
+    with pytest.raises(TransferUnavailable, match="never started"):
+        consumer.receive(LoadSpec("d-late", "t-late", (3,), 0, BLOCK, -1, consumer.name))
+    refused = consumer._inbox.counters["refused"]
+    push(producer, consumer, "t-late", (1, 2), 2 * BLOCK)
+    deadline = time.monotonic() + 5
+    while consumer._inbox.counters["refused"] == refused and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert consumer._inbox.counters["refused"] == refused + 1, "the late push was taken in"
+    assert consumer._inbox.bytes == 0
+
+
 def test_a_full_inbox_refuses_and_the_pair_goes_on(producer, consumer):
     big = tuple(range(NUM_BLOCKS))
     consumer._inbox._capacity, saved = 1000, consumer._inbox._capacity  # less than one transfer
