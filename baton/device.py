@@ -16,6 +16,24 @@ def is_cpu_build() -> bool:
     return current_platform.is_cpu()
 
 
+def engine_dtype(setting: str = "auto") -> str:
+    """The dtype engines run in: ``setting`` unless it is "auto"; then the
+    model's own, except on an x86 CPU that computes bfloat16 only by
+    emulation (no AVX-512 BF16, no AMX), where float32 runs several times
+    faster (a 1.2k-token prompt on one core of an AVX2 EPYC: 7.0 s against
+    29.7 s in bfloat16) at twice the KV bytes per token."""
+    if setting != "auto" or not is_cpu_build():
+        return setting
+    import platform
+
+    import torch
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return setting
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return setting if native_bf16 else "float32"
+
+
 def engine_environment(cpu_cores: str, kv_cache_gib: int) -> dict[str, str]:
     """Variables the engine's processes need, set before the engine starts.
 

@@ -28,6 +28,7 @@ class EngineOptions:
     kv_cache_blocks: int = 0  # a cap on the cache's blocks; 0: what its space allows
     gpu_memory_utilization: float = 0.5
     kv_events_endpoint: str = ""  # where the engine publishes its KV cache events (ZMQ); "" for none
+    dtype: str = "auto"  # see ``device.engine_dtype``
 
 
 @dataclass
@@ -115,6 +116,7 @@ class Engine:
         args = AsyncEngineArgs(
             model=options.model_path,
             served_model_name=[options.served_model_name],
+            dtype=device.engine_dtype(options.dtype),
             max_model_len=options.max_model_len,
             enforce_eager=options.enforce_eager,
             enable_prefix_caching=True,

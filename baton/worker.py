@@ -73,6 +73,7 @@ async def run_worker(
                            "kv_host": settings.advertise_host or settings.host,
                            "staging_capacity_bytes": settings.staging_capacity_mib << 20},
         max_model_len=settings.max_model_len,
+        dtype=settings.dtype,
         enforce_eager=settings.enforce_eager,
         cpu_cores=settings.cpu_cores,
         kv_cache_gib=settings.kv_cache_gib,

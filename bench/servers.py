@@ -19,7 +19,8 @@ from pathlib import Path
 
 import httpx
 
-from baton.device import engine_environment
+from baton.config import load_settings
+from baton.device import engine_dtype, engine_environment
 from baton.model_store import DEFAULT_MODEL_NAME, ensure_default_model
 from baton.rpc import free_port
 
@@ -54,7 +55,7 @@ def _start_vllm(port: int, log_path: Path, max_model_len: int, env: dict[str, st
     return subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                              "--model", str(ensure_default_model()), "--served-model-name", DEFAULT_MODEL_NAME,
                              "--enforce-eager", "--max-model-len", str(max_model_len), "--port", str(port),
-                             "--disable-log-stats", *flags],
+                             "--disable-log-stats", "--dtype", engine_dtype(load_settings().dtype), *flags],
                             stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
                             env={**os.environ, **env}, start_new_session=True)
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from baton.config import load_settings
+from baton.device import engine_dtype
 from baton.etcd_server import EmbeddedEtcd
 from baton.model_store import DEFAULT_MODEL_NAME, ensure_default_model
 from baton.rpc import free_port
@@ -63,6 +65,18 @@ def tokenizer(model_path):
     return AutoTokenizer.from_pretrained(str(model_path))
 
 
+def engine_torch_dtype(model_path: Path):
+    """The dtype the stack's engines (and the reference `vllm serve`) run in."""
+    import json
+
+    import torch
+
+    name = engine_dtype(load_settings().dtype)
+    if name == "auto":
+        name = json.loads((model_path / "config.json").read_text()).get("torch_dtype", "bfloat16")
+    return getattr(torch, name)
+
+
 def chat_ids(tokenizer, content: str) -> list[int]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True)
@@ -88,6 +102,7 @@ class VllmServer:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
              "--served-model-name", model_name, "--max-model-len", "2048", "--enforce-eager",
+             "--dtype", engine_dtype(load_settings().dtype),  # what Baton's engines run in
              "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=open(self._log, "wb"), stderr=subprocess.STDOUT, cwd=REPO, env=env)
         self._ready = False

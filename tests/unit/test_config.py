@@ -22,3 +22,5 @@ def test_settings_reject_typos_and_bad_values(tmp_path):
         load_settings({"kv_chunk_bytes": 8 << 20}, env={})
     with pytest.raises(ValueError, match="transfer_ttl_s"):
         load_settings({"transfer_ttl_s": 10}, env={})
+    with pytest.raises(ValueError, match="dtype"):
+        load_settings(env={"BATON_DTYPE": "bf16"})

@@ -39,3 +39,20 @@ def test_capped_busy_poll_applies_to_queue_readers_created_afterwards(tmp_path):
     finally:
         SpinCondition.__init__ = original
         context.destroy(linger=0)
+
+
+def test_engines_run_in_float32_where_the_cpu_only_emulates_bfloat16(monkeypatch):
+    import platform
+
+    import torch
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert device.engine_dtype("auto") == "float32"  # AVX2 only: ~4x faster
+    assert device.engine_dtype("bfloat16") == "bfloat16"  # asked for: kept
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert device.engine_dtype("auto") == "auto"  # native bf16: the model's own
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert device.engine_dtype("auto") == "auto"  # vLLM's own choice there
