@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
+import os
 import sys
 from typing import Any
 
@@ -86,9 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"run one {name}")
         _add(p, _COMMON_FLAGS + flags)
 
+    scale = sub.add_parser("scale", help="add workers to, or drain workers of, a running `baton up`")
+    scale.add_argument("--prefill", type=int, default=None, help="prefill workers per model (default: as now)")
+    scale.add_argument("--decode", type=int, default=None, help="decode workers per model (default: as now)")
+    scale.add_argument("--run", default=None, help="that `baton up`'s log folder (default: the latest started)")
+    scale.add_argument("--wait-s", type=float, default=600,
+                       help="wait until the registry shows the new counts (0: return at once)")
+
     status = sub.add_parser("status", help="workers from etcd with transfer counters")
     _add(status, [f for f in _COMMON_FLAGS if f[1] in ("etcd_endpoint", "etcd_prefix", "control_plane_address")])
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--run", default=None,
+                        help="a `baton up` log folder to read endpoints from (default, when no --etcd or "
+                             "--control-plane is given: the latest `baton up` still running)")
     return parser
 
 
@@ -128,10 +140,29 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         asyncio.run(serve(_settings(args, _COMMON_FLAGS + _WORKER_FLAGS)))
         return 0
+    if args.command == "scale":
+        from baton.up_control import scale
+
+        print(json.dumps(scale(args.run, args.prefill, args.decode, args.wait_s)))
+        return 0
     if args.command == "status":
         from baton.status import collect_status, render_table
 
         settings = _settings(args, _COMMON_FLAGS)
+        given = args.etcd_endpoint or args.control_plane_address or any(
+            f"BATON_{name}" in os.environ for name in ("ETCD_ENDPOINT", "CONTROL_PLANE_ADDRESS"))
+        if args.run or not given:
+            from baton.up_control import read_run_file
+
+            try:
+                run = read_run_file(args.run)
+            except RuntimeError:
+                if args.run:
+                    raise
+                run = None  # none running: the defaults
+            if run is not None:
+                settings = dataclasses.replace(settings, etcd_endpoint=run["etcd"], etcd_prefix=run["etcd_prefix"],
+                                               control_plane_address=run["control_plane"])
         status = asyncio.run(collect_status(settings))
         print(json.dumps(status, indent=2) if args.json else render_table(status))
         return 0

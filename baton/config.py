@@ -110,6 +110,11 @@ class Settings:
     decode_moves: int = 2
     """Router: how often one request may move to another decode worker when
     its decode worker fails mid-answer (0: the client gets the error)."""
+    max_requests_per_decode_worker: int = 256
+    """Router: generation requests it admits at once, per live decode worker
+    of the model (streaming or queued); beyond that it answers HTTP 429 /
+    gRPC RESOURCE_EXHAUSTED with Retry-After at once instead of queueing
+    without bound. Each router counts its own. 0: no bound."""
 
 
 _ENV_PREFIX = "BATON_"

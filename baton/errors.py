@@ -38,6 +38,14 @@ class NoCapacityError(RetryableError):
     """No live worker can take the request."""
 
 
+class DeadlineExceededError(BatonError):
+    """The request's deadline passed: not retried or moved (no time is left
+    for that), and the work downstream is cancelled with it."""
+
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 504
+
+
 _FROM_GRPC = {
     grpc.StatusCode.INVALID_ARGUMENT: ClientError,
     grpc.StatusCode.OUT_OF_RANGE: ClientError,
@@ -45,7 +53,7 @@ _FROM_GRPC = {
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.UNAVAILABLE: RetryableError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: RetryableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: RetryableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
 }
 
 

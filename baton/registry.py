@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import aetcd
 
 from baton.logs import get_logger
+from baton.rpc import RECONNECT_OPTIONS
 
 log = get_logger(__name__)
 
@@ -38,6 +39,10 @@ class WorkerRecord:
     kv_cache_blocks: int = 0  # blocks in its engine's KV cache
     kv_events: bool = False  # its engine's KV events reach the control plane (else: prefix index from history)
     pid: int = 0  # of the worker process, for operators acting on one worker
+    # New on every start: a worker restarted under the same id (and maybe
+    # the same address) is another peer, and what was placed on its
+    # predecessor is failed, not handed to it.
+    instance: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -77,7 +82,7 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
 
 def etcd_client(endpoint: str) -> aetcd.Client:
     host, port = parse_endpoint(endpoint)
-    return aetcd.Client(host=host, port=port, timeout=5)
+    return aetcd.Client(host=host, port=port, timeout=5, options=dict(RECONNECT_OPTIONS))
 
 
 class Registration:
@@ -96,10 +101,15 @@ class Registration:
         return self._key.decode()
 
     async def start(self) -> None:
-        await self._client.connect()
-        await self._put()
+        """Registers; with etcd unreachable, the worker serves anyway and
+        registers as soon as etcd answers."""
+        try:
+            await self._client.connect()
+            await self._put()
+            log.info("registered", key=self.key, address=self._record.address)
+        except Exception as exc:
+            log.warning("etcd unreachable; registering once it answers", key=self.key, error=str(exc))
         self._task = asyncio.create_task(self._keep_alive(), name="registry-keepalive")
-        log.info("registered", key=self.key, address=self._record.address)
 
     async def _put(self) -> None:
         lease = await self._client.lease(self._ttl_s)
@@ -128,6 +138,7 @@ class Registration:
                     log.warning("not registered; registering again", key=self.key)
                     self._lease = None
                     await self._put()
+                    log.info("registered", key=self.key, address=self._record.address)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # etcd down: keep trying, never crash the worker
@@ -205,24 +216,27 @@ class RegistryWatcher:
             self._notify("delete", self.workers.pop(worker_id))
         for worker_id, record in fresh.items():
             if self.workers.get(worker_id) != record:
+                known = worker_id in self.workers
                 self.workers[worker_id] = record
-                self._notify("put", record)
+                self._notify("put", record, known)
 
     def _apply(self, event) -> None:
         key = event.kv.key.decode()
         worker_id = key.rsplit("/", 1)[-1]
         if event.kind == "PUT":
             record = WorkerRecord.from_json(event.kv.value)
+            known = record.worker_id in self.workers
             self.workers[record.worker_id] = record
-            self._notify("put", record)
+            self._notify("put", record, known)
         elif event.kind == "DELETE":
             record = self.workers.pop(worker_id, None)
             if record is not None:
                 self._notify("delete", record)
 
-    def _notify(self, kind: str, record: WorkerRecord) -> None:
-        log.info("worker " + ("joined" if kind == "put" else "left"), worker_id=record.worker_id,
-                 role=record.role, address=record.address)
+    def _notify(self, kind: str, record: WorkerRecord, known: bool = False) -> None:
+        event = "left" if kind == "delete" else "changed" if known else "joined"
+        log.info(f"worker {event}", worker_id=record.worker_id, role=record.role, address=record.address,
+                 state=record.state, instance=record.instance)
         for listener in self._listeners:
             listener(kind, record)
 

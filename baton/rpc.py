@@ -18,10 +18,20 @@ from baton.telemetry import ServerTraceInterceptor, client_interceptors
 
 # KV chunks stay well below this; other messages are tiny.
 MAX_MESSAGE_BYTES = 8 << 20
+# A peer that went away (a restarted control plane, a worker back on its
+# address, etcd) is reached again within a second or two of its return, not
+# after gRPC's default backoff, which grows to two minutes. Subchannels are
+# shared within a process, so one channel without these options would hold
+# every other channel to the same address back too.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
+    *RECONNECT_OPTIONS,
 ]
 
 

@@ -35,7 +35,7 @@ async def collect_status(settings: Settings) -> dict:
     rows = []
     for w in sorted(workers, key=lambda w: (w.role, w.worker_id)):
         c = counters.get(w.worker_id)
-        row = {"worker_id": w.worker_id, "role": w.role, "pid": w.pid, "address": w.address,
+        row = {"worker_id": w.worker_id, "role": w.role, "pid": w.pid, "instance": w.instance, "address": w.address,
                "kv_address": w.kv_address, "model": w.model,
                "state": c.state if c else w.state, "labels": dict(w.labels)}
         row["transfers"] = None if not reachable else {

@@ -48,6 +48,7 @@ async def run_worker(
     up to ``drain_timeout_s`` (the router moves the rest elsewhere), then
     stop the engine."""
     worker_id = settings.worker_id or f"{role}-{uuid.uuid4().hex[:8]}"
+    instance = uuid.uuid4().hex[:12]  # this process: a restart under the same id is another peer
     labels = parse_labels(settings.labels)  # a bad one fails before the engine starts
     setup_logging(f"{role}-worker", settings.log_level)
     setup_tracing(f"{role}-worker")
@@ -67,8 +68,7 @@ async def run_worker(
         kv_role=kv_role,
         connector_options={**(connector_options or {}), "backends": list(backends),
                            "endpoint_file": str(endpoint_file),
-                           # New on every start: a restarted worker is a new peer.
-                           "agent_name": f"{worker_id}-{uuid.uuid4().hex[:8]}",
+                           "agent_name": f"{worker_id}-{instance}",
                            "offer_ttl_s": settings.staging_ttl_s,
                            "kv_host": settings.advertise_host or settings.host,
                            "staging_capacity_bytes": settings.staging_capacity_mib << 20},
@@ -89,7 +89,7 @@ async def run_worker(
     record = WorkerRecord(worker_id=worker_id, role=role, address=advertised(settings, port),
                           model=name, kv_address=kv_address, kv_endpoints=kv_endpoints,
                           labels=labels, block_size=engine.block_size, kv_cache_blocks=engine.num_blocks,
-                          kv_events=settings.kv_events, pid=os.getpid())
+                          kv_events=settings.kv_events, pid=os.getpid(), instance=instance)
     reporter = WorkerReporter(worker_id, settings.control_plane_address, events_endpoint, engine.load)
     reporter.start()
     registration = Registration(settings.etcd_endpoint, settings.etcd_prefix, record, settings.lease_ttl_s)

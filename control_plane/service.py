@@ -76,16 +76,31 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
         self._engines: dict[str, EngineReport] = {}
         self._engine_reports: dict[str, control_plane_pb2.EngineLoad] = {}
         self.suspects = suspects if suspects is not None else Suspects()
+        self._instances: dict[str, str] = {}  # worker id → the process instance registered under it
         registry.on_change(self._worker_changed)
+
+    def _forget(self, worker_id: str) -> None:
+        self.suspects.forget(worker_id)
+        self._prefixes.forget(worker_id)
+        self._engines.pop(worker_id, None)
+        self._engine_reports.pop(worker_id, None)
 
     def _worker_changed(self, kind: str, record: WorkerRecord) -> None:
         worker_id = record.worker_id
         if kind == "delete":
-            self.suspects.forget(worker_id)
-            self._prefixes.forget(worker_id)
-            self._engines.pop(worker_id, None)
-            self._engine_reports.pop(worker_id, None)
+            self._forget(worker_id)
+            self._instances.pop(worker_id, None)
             return
+        previous = self._instances.get(worker_id)
+        self._instances[worker_id] = record.instance
+        if previous is not None and previous != record.instance:
+            # Restarted under its old id before its old key left: another
+            # process, with an empty cache and none of its predecessor's
+            # requests.
+            failed = self._transfers.fail_worker(worker_id)
+            self._forget(worker_id)
+            log.warning("worker restarted; its predecessor's transfers failed", worker_id=worker_id,
+                        instance=record.instance, failed_transfers=len(failed))
         self._prefixes.track(worker_id, events=record.kv_events, block_size=record.block_size,
                              capacity_blocks=record.kv_cache_blocks)
 

@@ -120,6 +120,13 @@ class TransferTable:
             counts["bytes"] += nbytes
         return transfer
 
+    def fail_worker(self, worker_id: str) -> list[Transfer]:
+        """Close every open transfer placed on ``worker_id`` as FAILED: its
+        process is gone (a new one took its id), so nothing it held is
+        coming, and its load must not weigh on its successor."""
+        mine = [t.transfer_id for t in self._open.values() if worker_id in (t.prefill_id, t.decode_id)]
+        return [t for t in (self.close(tid, TransferState.FAILED) for tid in mine) if t]
+
     def expire(self, now_s: float) -> list[Transfer]:
         old = [t.transfer_id for t in self._open.values() if now_s - t.created_s > self.ttl_s]
         return [t for t in (self.close(tid, TransferState.EXPIRED) for tid in old) if t]

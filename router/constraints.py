@@ -1,13 +1,14 @@
-"""Placement constraints a request carries: the labels a worker must have
-to serve it (data residency: ``x-baton-require: region=eu`` on HTTP, a
-field on gRPC). They travel from the API layer to the pipeline with the
-request's task, in a context variable, because vLLM's frontend sits between
-the two and knows nothing of them."""
+"""Constraints a request carries: the labels a worker must have to serve it
+(data residency: ``x-baton-require: region=eu`` on HTTP, a field on gRPC)
+and the client's deadline (gRPC). They travel from the API layer to the
+pipeline with the request's task, in context variables, because vLLM's
+frontend sits between the two and knows nothing of them."""
 
 from __future__ import annotations
 
 import contextvars
 import json
+import time
 
 from baton.registry import parse_labels
 
@@ -15,6 +16,20 @@ REQUIRE_HEADER = "x-baton-require"
 
 _required: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("baton_required_labels",
                                                                                   default=None)
+
+
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("baton_deadline", default=None)
+
+
+def within(seconds: float | None) -> None:
+    """The request being handled must end within ``seconds`` (None: the
+    router's own request timeout only)."""
+    _deadline.set(None if seconds is None else time.monotonic() + seconds)
+
+
+def deadline() -> float | None:
+    """When the client's deadline passes, on ``time.monotonic()``'s clock."""
+    return _deadline.get()
 
 
 def require(labels: dict[str, str]) -> contextvars.Token:

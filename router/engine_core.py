@@ -127,7 +127,7 @@ class ClusterEngineCore:
         params = request.sampling_params
         engine_request = EngineRequest(request.request_id, list(request.prompt_token_ids), params,
                                        requested_kv_backend(params), constraints.required_labels(),
-                                       requested_remote_prefill(params))
+                                       requested_remote_prefill(params), constraints.deadline())
         task = asyncio.create_task(self._run(engine_request), name=f"request-{request.request_id}")
         self._running[request.request_id] = task
         task.add_done_callback(lambda _t: self._running.pop(request.request_id, None))

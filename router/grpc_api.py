@@ -15,12 +15,14 @@ from baton import sampling
 from baton.logs import bind_request
 from baton.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from router import constraints
+from router.admission import Admission, refusal_message
 from router.engine_client import BatonEngineClient
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 _HTTP_TO_GRPC = {HTTPStatus.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
                  HTTPStatus.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
                  HTTPStatus.SERVICE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+                 HTTPStatus.GATEWAY_TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
                  HTTPStatus.TOO_MANY_REQUESTS: grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
@@ -59,10 +61,14 @@ def sampling_params(s: inference_pb2.SamplingParams, defaults: dict):
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, engines: dict[str, BatonEngineClient], live_models: Callable[[], set[str]]):
+    def __init__(self, engines: dict[str, BatonEngineClient], live_models: Callable[[], set[str]],
+                 admission: Admission | None = None, clock: Callable[[], float] = lambda: 0.0):
         """``engines``: model name → its frontend, the default (for requests
-        that name none) first."""
+        that name none) first; ``admission``: the router's places, shared
+        with its HTTP API."""
         self._engines = engines
+        self._admission = admission or Admission(0, lambda: 0)
+        self._clock = clock
         self._default = next(iter(engines))
         self._live_models = live_models
         self._defaults = {name: e.model_config.get_diff_sampling_param() for name, e in engines.items()}
@@ -103,6 +109,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                 f"The model `{request.model}` does not exist. Available: {', '.join(self._engines)}")
         request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
         bind_request(request_id)
+        if not self._admission.enter():
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal_message(self._admission),
+                                trailing_metadata=(("retry-after", str(self._admission.retry_after_s())),))
+        started = self._clock()
         try:
             prompt_ids = await self._prompt_ids(engine, request)
             if not prompt_ids:
@@ -126,6 +136,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             produced: dict[int, int] = {}
             # This RPC's task is its own: the requirement ends with it.
             constraints.require(dict(request.required_labels))
+            constraints.within(context.time_remaining())  # the client's deadline, carried downstream
             outputs = engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id)
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
@@ -142,6 +153,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         except (EngineGenerateError, EngineDeadError) as exc:
             cause = exc.__cause__ or exc
             await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {cause}")
+        finally:
+            self._admission.leave(self._clock() - started)
 
     @staticmethod
     def _message(request_id, output, choice, prompt_tokens: int, produced: int, logprobs: int | None):

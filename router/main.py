@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import uvicorn
 
@@ -25,6 +26,7 @@ async def serve(settings: Settings) -> None:
     setup_tracing("router")
     from vllm.v1.metrics.prometheus import get_prometheus_registry
 
+    from router.admission import Admission, AdmitGenerations
     from router.constraints import RequireLabels
     from router.engine_client import BatonEngineClient, frontend_args
     from router.engine_core import ClusterEngineCore
@@ -54,13 +56,18 @@ async def serve(settings: Settings) -> None:
     def live_models() -> set[str]:
         return {w.model for w in registry.by_role("decode")}
 
+    # HTTP and gRPC share the places: one bound for the router.
+    admission = Admission(settings.max_requests_per_decode_worker,
+                          lambda: sum(w.state == "ready" for w in registry.by_role("decode")), metrics.refused.inc)
+    metrics.admitted.set_function(lambda: admission.in_flight)
+
     grpc_server, grpc_port, _ = await start_server(
         "router",
         [ServiceBinding(SERVICE_NAME, inference_pb2_grpc.add_InferenceServicer_to_server,
-                        InferenceServicer(engines, live_models))],
+                        InferenceServicer(engines, live_models, admission, time.monotonic))],
         settings.host, settings.router_grpc_port)
     app = ModelDispatch(apps, live_models)
-    http = uvicorn.Server(uvicorn.Config(RequireLabels(app), host=settings.host, port=settings.http_port,
+    http = uvicorn.Server(uvicorn.Config(AdmitGenerations(RequireLabels(app), admission, time.monotonic), host=settings.host, port=settings.http_port,
                                          log_level="warning", access_log=False, lifespan="off"))
     http.install_signal_handlers = lambda: None  # we own SIGINT/SIGTERM
     http_task = asyncio.create_task(http.serve(), name="http")

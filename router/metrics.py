@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
@@ -19,3 +19,13 @@ class Metrics:
         self.decode_moves = Counter(
             "baton_decode_moves",
             "Requests moved to another decode worker mid-answer after theirs failed", registry=self.registry)
+        self.local_placements = Counter(
+            "baton_local_placements",
+            "Requests the router placed by itself (control plane unreachable), over its last known membership",
+            registry=self.registry)
+        self.refused = Counter(
+            "baton_requests_refused",
+            "Generation requests refused at admission (HTTP 429, gRPC RESOURCE_EXHAUSTED): the router was at capacity",
+            registry=self.registry)
+        self.admitted = Gauge("baton_requests_in_flight", "Generation requests admitted and not yet answered",
+                              registry=self.registry)

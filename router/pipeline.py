@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,7 +27,14 @@ from typing import TYPE_CHECKING
 import grpc
 
 from baton import sampling
-from baton.errors import BatonError, ClientError, NoCapacityError, RetryableError, from_rpc_error
+from baton.errors import (
+    BatonError,
+    ClientError,
+    DeadlineExceededError,
+    NoCapacityError,
+    RetryableError,
+    from_rpc_error,
+)
 from baton.logs import get_logger
 from baton.registry import RegistryWatcher
 from baton.rpc import channel
@@ -72,6 +80,18 @@ class EngineRequest:
     kv_backend: str = ""  # asked for by the client; empty: the deployment's default
     required_labels: dict[str, str] = field(default_factory=dict)  # only workers carrying them may serve it
     remote_prefill: bool | None = None  # the client's choice of where the prompt runs; None: the control plane's
+    deadline_s: float | None = None  # time.monotonic() by which it must end: the client's, or the router's timeout
+
+
+def _left(request: EngineRequest) -> float:
+    """Seconds left of the request's deadline, for the next hop; raises
+    once none is left. (``generate`` always sets one.)"""
+    if request.deadline_s is None:
+        return math.inf
+    left = request.deadline_s - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceededError(f"request {request.request_id}: its deadline passed")
+    return left
 
 
 # A decode call that ended so failed on the worker, not on the request:
@@ -136,11 +156,15 @@ class Pipeline:
         if request.remote_prefill is not None:
             message.remote_prefill = request.remote_prefill
         try:
-            return await self._control_plane.Schedule(message, timeout=5)
+            return await self._control_plane.Schedule(message, timeout=min(5.0, _left(request)))
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE:  # reachable, but it said no
+            # Down, or hung (no answer in 5 s): place over the last known
+            # membership. Anything else: reachable, but it said no.
+            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise from_rpc_error(exc, "control plane") from exc
+            _left(request)  # unless the request's own deadline is what passed
             log.warning("control plane unreachable; placing locally", error=exc.details())
+            self._metrics.local_placements.inc()
             return self._fallback_placement(request, avoid)
 
     async def _schedule_shielded(self, request: EngineRequest,
@@ -188,6 +212,9 @@ class Pipeline:
 
     async def _generate(self, request: EngineRequest) -> AsyncIterator[Step]:
         started = time.monotonic()
+        # One budget for the whole request, each hop given what is left of it.
+        ends = started + self._timeout_s
+        request = dataclasses.replace(request, deadline_s=min(request.deadline_s or ends, ends))
         placement = await self._schedule_shielded(request)
         max_tokens = request.params.max_tokens
         local = not placement.prefill.worker_id  # placed so: the decode worker prefills, nothing moves
@@ -325,7 +352,7 @@ class Pipeline:
                 request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
                 sampling=sampling.encode(request.params), transfer_id=transfer_id,
                 kv_target=placement.decode.kv_endpoint if transfer_id else "",
-                kv_backend=placement.kv_backend if transfer_id else ""), timeout=self._timeout_s)
+                kv_backend=placement.kv_backend if transfer_id else ""), timeout=_left(request))
         except grpc.aio.AioRpcError as exc:
             error = from_rpc_error(exc, f"prefill worker {placement.prefill.worker_id}")
             if not isinstance(error, RetryableError):
@@ -356,7 +383,7 @@ class Pipeline:
         decode = decode_pb2_grpc.DecodeWorkerStub(self._channels.get(placement.decode.address))
         ttft_pending = not continued and expect_first is None and after_first is None  # local prefill
         finished = False
-        call = decode.Decode(message, timeout=self._timeout_s)
+        call = decode.Decode(message, timeout=_left(request))
         try:
             async for item in call:
                 tokens = item.tokens

@@ -1,7 +1,6 @@
 """The decode worker loads the prompt's KV from the transfer instead of
 recomputing it, and recomputes correctly when the KV never arrives."""
 
-import dataclasses
 import json
 import math
 import time
@@ -14,14 +13,15 @@ from vllm import SamplingParams
 from baton import sampling
 from baton.v1 import decode_pb2, decode_pb2_grpc
 from kv_transfer.transport import PULL_BACKENDS
-from tests.e2e.conftest import KV_FETCH_TIMEOUT_MS, chat_ids
+from tests.e2e.conftest import KV_FETCH_TIMEOUT_MS, chat_ids, engine_torch_dtype
 from tests.e2e.prompts import CAPITAL_QUESTION, long_document
 
 
 def kv_bytes_per_token(model_path) -> int:
     config = json.loads((model_path / "config.json").read_text())
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    return 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 2  # K+V, bf16
+    element_bytes = engine_torch_dtype(model_path).itemsize
+    return 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * element_bytes  # K+V
 
 
 BACKENDS = ["nixl", "collective", "grpc"]
@@ -235,10 +235,87 @@ def _engine_layout_cache(model_path, num_blocks: int):
     signature = ";".join([",".join(hf["architectures"])] + [
         f"{key}={hf[key]}" for key in ("num_hidden_layers", "hidden_size", "num_key_value_heads", "vocab_size")])
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    dtype = engine_torch_dtype(model_path)
     layers = {f"model.layers.{i}.self_attn.attn": torch.randn(
-        (num_blocks, hf["num_key_value_heads"], 128, 2 * head_dim)).to(torch.bfloat16)
+        (num_blocks, hf["num_key_value_heads"], 128, 2 * head_dim)).to(dtype)
         for i in range(hf["num_hidden_layers"])}
-    return KVCache(layers, num_blocks, signature, 128, cpu_attention_isa=cpu_attention_isa(torch.bfloat16, 128, head_dim))
+    return KVCache(layers, num_blocks, signature, 128, cpu_attention_isa=cpu_attention_isa(dtype, 128, head_dim))
+
+
+def _stand_in_producer(backend: str, name: str, cache):
+    """A prefill engine's side of ``backend`` (Baton's own code) over ``cache``."""
+    if backend == "nixl":
+        from kv_transfer.transport.nixl import NixlBackend
+
+        producer = NixlBackend(name, offer_ttl_s=30)
+    elif backend == "collective":
+        from kv_transfer.transport.collective import CollectiveBackend
+
+        producer = CollectiveBackend(name, "127.0.0.1", consumer=False)
+    else:
+        from kv_transfer.transport.grpc_stream import GrpcBackend
+
+        producer = GrpcBackend()
+    producer.attach(cache)
+    return producer
+
+
+def _hand_over(producer, cache, spec) -> None:
+    """What a prefill engine's connector does for ``spec``: every layer
+    saved as it ran, then the step's end (NIXL then offers the blocks)."""
+    outbound = producer.send(spec)
+    for index, layer in enumerate(cache.layers):
+        outbound.layer_saved(index, layer)
+    outbound.step_done()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kv_that_comes_late_is_recomputed_and_then_refused(stack, tokenizer, grpc_channel, model_path, backend):
+    """A KV transfer delayed past the decode engine's start timeout: the
+    decode recomputes at once (the right answer, not after the fetch
+    timeout), and the KV that then comes is refused (push backends) or
+    freed by its producer as soon as it is held (nixl), not kept until a
+    TTL."""
+    from kv_transfer.connector.metadata import SaveSpec
+    from kv_transfer.wire import blocks_for_tokens
+    from tests.e2e.conftest import wait_for
+    from tests.e2e.test_parity import generate_ids
+
+    prompt = chat_ids(tokenizer, f"Name one river in Europe ({backend}).")
+    expected, _ = generate_ids(grpc_channel, prompt, 8)
+    cache = _engine_layout_cache(model_path, 7)
+    transfer_id = f"late-{backend}-{time.monotonic_ns()}"
+    producer = _stand_in_producer(backend, f"late-prefill-{transfer_id}", cache)
+    before = _inbox_stats(stack)
+    try:
+        with grpc.insecure_channel(_decode_worker_address(stack)) as channel:
+            request = decode_pb2.DecodeRequest(
+                request_id=f"late-{backend}", prompt_token_ids=prompt, first_token_id=expected[0],
+                transfer_id=transfer_id, kv_backend=backend,
+                kv_source=producer.endpoint() if backend == "nixl" else "",
+                sampling=sampling.encode(SamplingParams(max_tokens=7, temperature=0.0)))
+            started = time.monotonic()
+            messages = list(decode_pb2_grpc.DecodeWorkerStub(channel).Decode(request, timeout=120))
+            seconds = time.monotonic() - started
+        assert [expected[0]] + [t for m in messages for t in m.tokens.token_ids] == expected
+        assert messages[-1].kv.recomputed is True and seconds < KV_FETCH_TIMEOUT_MS / 1000
+
+        # Now the delayed prefill hands its KV over.
+        spec = SaveSpec("late-prefill", transfer_id, _kv_endpoint(stack, "decode-0", backend),
+                        tuple(range(blocks_for_tokens(len(prompt), 128))), len(prompt), "", backend)
+        _hand_over(producer, cache, spec)
+        if backend in PULL_BACKENDS:
+            producer.hold({spec.req_id}, True)  # its request ended; vLLM keeps the blocks for the reader
+            freed: set[str] = set()
+            wait_for(lambda: freed.update(producer.finished_sending()) or spec.req_id in freed, 10,
+                     "the producer to free the blocks nobody will read (its offer TTL is 30 s)")
+        else:
+            wait_for(lambda: _inbox_stats(stack).refused_total > before.refused_total, 10,
+                     "the late push to be refused")
+            stats = _inbox_stats(stack)
+            assert stats.inbox_bytes == 0 and stats.received_total == before.received_total
+    finally:
+        producer.close()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -258,33 +335,22 @@ def test_a_corrupted_transfer_is_detected_and_recomputed(stack, tokenizer, grpc_
     assert f'"layout_hash": "{cache.layout.layout_hash()}"' in decode_logs.read_text(), "not the engines' layout"
     transfer_id = f"corrupted-{backend}-{time.monotonic_ns()}"
     blocks = tuple(range(blocks_for_tokens(len(prompt), 128)))
-    spec = SaveSpec("fake-prefill", transfer_id, "", blocks, len(prompt), "", backend)
+    spec = SaveSpec("fake-prefill", transfer_id, _kv_endpoint(stack, "decode-0", backend), blocks, len(prompt), "",
+                    backend)
+    producer = _stand_in_producer(backend, f"fake-prefill-{transfer_id}", cache)
     source = ""
     if backend == "nixl":
-        from kv_transfer.transport.nixl import NixlBackend
-
-        producer = NixlBackend(f"fake-prefill-{transfer_id}", offer_ttl_s=30)
-        producer.attach(cache)
-        spec = dataclasses.replace(spec, kv_target=_kv_endpoint(stack, "decode-0", "nixl"))
-        producer.send(spec).step_done()
+        _hand_over(producer, cache, spec)
         producer._announcer.submit(lambda: None).result()
         cache.layers[5][0, 0, 0, 0] += 1  # damaged after its checksum went out
         source = producer.endpoint()
     else:
         from kv_transfer.transport import collective, grpc_stream
 
-        if backend == "collective":
-            module, producer = collective, collective.CollectiveBackend("fake-prefill", "127.0.0.1", consumer=False)
-        else:
-            module, producer = grpc_stream, grpc_stream.GrpcBackend()
+        module = collective if backend == "collective" else grpc_stream
         real_digest = module.digest
         monkeypatch.setattr(module, "digest", lambda t: real_digest(t) ^ 1)  # bits flipped on the way
-        target = _kv_endpoint(stack, "decode-0", backend)
-        producer.attach(cache)
-        outbound = producer.send(dataclasses.replace(spec, kv_target=target))
-        for index, layer in enumerate(cache.layers):
-            outbound.layer_saved(index, layer)
-        outbound.step_done()
+        _hand_over(producer, cache, spec)
     try:
         with grpc.insecure_channel(_decode_worker_address(stack)) as channel:
             request = decode_pb2.DecodeRequest(

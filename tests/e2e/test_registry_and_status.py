@@ -56,6 +56,15 @@ def test_status_lists_the_workers_with_counters(stack):
     assert rows["decode-0"]["kv_address"].startswith("127.0.0.1:")
 
 
+def test_status_finds_a_baton_up_by_its_log_folder(stack):
+    """`baton up` records where it runs; `baton status --run` (or, with no
+    endpoints given, the latest `baton up` still running) reads it."""
+    out = subprocess.run(baton_command("status", "--json", "--run", str(stack.log_dir)), capture_output=True,
+                         text=True, timeout=60, cwd=REPO, check=True).stdout
+    found = {row["worker_id"]: row for row in json.loads(out)["workers"]}
+    assert set(found) == set(status(stack)) and found["decode-0"]["transfers"] is not None
+
+
 def test_a_worker_started_later_gets_traffic_and_leaves_cleanly(stack, tmp_path):
     log = open(tmp_path / "decode-late.log", "wb")
     proc = subprocess.Popen(

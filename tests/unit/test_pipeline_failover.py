@@ -6,12 +6,15 @@ is a function of its position, so a correct move changes nothing."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import grpc
 import pytest
 from vllm import SamplingParams
 
 from baton import sampling
-from baton.errors import RetryableError
+from baton.errors import DeadlineExceededError, RetryableError
 from baton.rpc import ServiceBinding, free_port, start_server
 from baton.v1 import (
     common_pb2,
@@ -92,7 +95,8 @@ class ControlPlane(control_plane_pb2_grpc.ControlPlaneServicer):
         return control_plane_pb2.TransferReportAck(state="prefilled")
 
 
-async def run(prefill: list[Worker], decode: list[Worker], max_tokens: int = 8, moves: int = 2):
+async def run(prefill: list[Worker], decode: list[Worker], max_tokens: int = 8, moves: int = 2,
+              request_deadline_s: float | None = None):
     servers = []
     for worker in [*prefill, *decode]:
         port = free_port()
@@ -112,8 +116,9 @@ async def run(prefill: list[Worker], decode: list[Worker], max_tokens: int = 8, 
                         decode_moves=moves)
     tokens = []
     try:
-        async for step in pipeline.generate(EngineRequest("r", PROMPT, SamplingParams(max_tokens=max_tokens,
-                                                                                      temperature=0))):
+        request = EngineRequest("r", PROMPT, SamplingParams(max_tokens=max_tokens, temperature=0),
+                                deadline_s=request_deadline_s)
+        async for step in pipeline.generate(request):
             tokens.extend(step.tokens.token_ids)
         return tokens, control_plane, metrics
     finally:
@@ -169,3 +174,51 @@ async def test_with_no_other_prefill_worker_the_decode_worker_prefills():
     assert tokens == EXPECTED
     (decode,) = d1.calls
     assert list(decode.prompt_token_ids) == PROMPT and not decode.transfer_id
+
+
+class Slow(Worker):
+    """Records the deadline each call arrives with; its prefill takes prefill_s, its decode stalls."""
+
+    def __init__(self, worker_id: str, stall_s: float = 0, prefill_s: float = 0):
+        super().__init__(worker_id)
+        self.stall_s = stall_s
+        self.prefill_s = prefill_s
+        self.time_left: list[float] = []
+        self.cancelled = False
+
+    async def Prefill(self, request, context):
+        self.time_left.append(context.time_remaining())
+        await asyncio.sleep(self.prefill_s)
+        return await super().Prefill(request, context)
+
+    async def Decode(self, request, context):
+        self.time_left.append(context.time_remaining())
+        try:
+            await asyncio.sleep(self.stall_s)
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        async for item in super().Decode(request, context):
+            yield item
+
+
+async def test_every_hop_gets_what_is_left_of_the_clients_deadline():
+    p1, d1 = Slow("p1", prefill_s=0.3), Slow("d1")
+    deadline = time.monotonic() + 3
+    tokens, _, _ = await run([p1], [d1], request_deadline_s=deadline)
+    assert tokens == EXPECTED
+    (prefill_left,), (decode_left,) = p1.time_left, d1.time_left
+    # not the router's 10 s each: the decode gets what the 0.3 s prefill left of the client's 3 s
+    assert 2.5 < prefill_left <= 3 and 2 < decode_left <= prefill_left - 0.25
+
+
+async def test_past_its_deadline_a_request_fails_with_deadline_exceeded_and_is_not_moved():
+    d1, d2 = Slow("d1", stall_s=30), Slow("d2")
+    with pytest.raises(DeadlineExceededError):
+        await run([Worker("p1")], [d1, d2], request_deadline_s=time.monotonic() + 1.5)
+    assert d2.time_left == [], "no time is left to move it"
+    for _ in range(50):  # the worker's call ends with the deadline, not after its 30 s
+        if d1.cancelled:
+            break
+        await asyncio.sleep(0.05)
+    assert d1.cancelled

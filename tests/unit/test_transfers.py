@@ -73,3 +73,17 @@ def test_a_local_placement_loads_only_the_decode_worker_and_no_backend():
     assert table.by_backend == {}
     table.close(t.transfer_id, TransferState.LOCAL)
     assert table.running("d0") == 0 and table.counters["d0"]["local"] == 1 and table.by_backend == {}
+
+
+def test_failing_a_worker_closes_only_its_open_transfers_and_frees_its_load():
+    table = TransferTable(ttl_s=60)
+    gone = table.open("r1", "p1", "d1", 0.0, "grpc", prefill_tokens=100, decode_tokens=164)
+    table.open("r2", "p2", "d1", 0.0, "grpc", prefill_tokens=50, decode_tokens=80)
+    kept = table.open("r3", "p2", "d2", 0.0, "grpc", prefill_tokens=30, decode_tokens=40)
+    failed = table.fail_worker("p1")
+    assert [t.transfer_id for t in failed] == [gone.transfer_id]
+    assert failed[0].state is TransferState.FAILED
+    assert table.queued_prefill_tokens("p1") == 0 and table.running("d1") == 1
+    assert table.in_flight("p2") == 2 and table.counters["p1"]["failed"] == 1
+    assert table.close(kept.transfer_id, TransferState.CONSUMED) is not None
+    assert table.fail_worker("nobody") == []
