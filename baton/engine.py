@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -72,6 +73,17 @@ def is_input_error(exc: BaseException) -> bool:
     return isinstance(exc, (VLLMClientError, ValueError))
 
 
+ENGINE_DEAD = "this worker's engine died; the worker is leaving"
+
+
+def is_engine_dead(exc: BaseException) -> bool:
+    """Whether vLLM refused a request because its engine is gone: the
+    worker's fault, to answer UNAVAILABLE (the router goes elsewhere)."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return isinstance(exc, EngineDeadError)
+
+
 def generated_tokens(completion, logprobs: int | None) -> common_pb2.GeneratedTokens:
     """A worker's answer so far: token ids and logprobs, never text."""
     message = common_pb2.GeneratedTokens(
@@ -134,6 +146,17 @@ class Engine:
         llm = AsyncLLM.from_engine_args(args, stat_loggers=[_load_logger(load)])
         log.info("engine ready", seconds=round(time.monotonic() - started, 1))
         return cls(llm, options, load)
+
+    @property
+    def dead(self) -> bool:
+        """vLLM stopped the engine for good (its model process died, say):
+        every request to it fails from now on."""
+        return self._llm is not None and self._llm.errored
+
+    async def until_dead(self, poll_s: float = 1.0) -> None:
+        # vLLM sets a flag, it signals nothing: polled.
+        while not self.dead:  # noqa: ASYNC110
+            await asyncio.sleep(poll_s)
 
     async def generate(self, token_ids: list[int], params, request_id: str,
                        kv_transfer_params: dict[str, Any] | None) -> AsyncIterator[Any]:

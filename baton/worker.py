@@ -96,15 +96,27 @@ async def run_worker(
     await registration.start()
     log.info("worker serving", worker_id=worker_id, address=record.address, kv_address=kv_address,
              kv_backends=sorted(backends))
+    signalled = asyncio.create_task(wait_for_signal(), name="signal")
+    engine_died = asyncio.create_task(engine.until_dead(), name="engine-watch")
     try:
-        await wait_for_signal()
+        await asyncio.wait({signalled, engine_died}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        signalled.cancel()
+        engine_died.cancel()
+        if engine.dead:
+            # Serving on would fail every request sent here: leave, and exit
+            # non-zero so a supervisor (baton up, compose, Kubernetes)
+            # starts a new worker.
+            log.error("engine died; the worker leaves", worker_id=worker_id)
         log.info("worker draining", worker_id=worker_id, drain_timeout_s=settings.drain_timeout_s)
         await health.enter_graceful_shutdown()  # health checks now say NOT_SERVING
         await registration.set_state("draining")  # out of placement; `baton status` shows it
         await server.stop(grace=settings.drain_timeout_s)
         await registration.stop()
         await reporter.stop()
+        dead = engine.dead
         with contextlib.suppress(Exception):
             engine.shutdown()
         shutil.rmtree(scratch, ignore_errors=True)
+    if dead:
+        raise SystemExit(1)

@@ -9,7 +9,7 @@ import contextlib
 import grpc
 
 from baton import sampling
-from baton.engine import Engine, generated_tokens, is_input_error
+from baton.engine import ENGINE_DEAD, Engine, generated_tokens, is_engine_dead, is_input_error
 from baton.logs import bind_request, get_logger
 from baton.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from kv_transfer.params import ConsumerParams, LoadReport, parse
@@ -69,6 +69,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
             log.info("decode cancelled", tokens=produced, transfer_id=request.transfer_id)
             raise
         except Exception as exc:
+            if is_engine_dead(exc):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, ENGINE_DEAD)
             if not is_input_error(exc):
                 raise
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -8,7 +8,7 @@ import contextlib
 import grpc
 
 from baton import sampling
-from baton.engine import Engine, generated_tokens, is_input_error
+from baton.engine import ENGINE_DEAD, Engine, generated_tokens, is_engine_dead, is_input_error
 from baton.logs import bind_request, get_logger
 from baton.telemetry import inject_headers
 from baton.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
@@ -44,6 +44,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
                 async for output in outputs:
                     final = output
         except Exception as exc:
+            if is_engine_dead(exc):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, ENGINE_DEAD)
             if not is_input_error(exc):
                 raise
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -53,6 +53,15 @@ def baton_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "baton.cli", *args]
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Modules with a `baton up` of their own run first, before the shared
+    stack and the reference `vllm serve` start (on first use): one set of
+    engines alive at a time. In float32 (see ``baton.device.engine_dtype``)
+    an engine takes ~3 GB with its worker, and the shared stack, `vllm
+    serve` and a two-model stack together ran 24 GB out of memory."""
+    items.sort(key=lambda item: item.get_closest_marker("own_stack") is None)  # stable: file order otherwise
+
+
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     return ensure_default_model()

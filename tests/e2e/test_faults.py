@@ -119,10 +119,20 @@ def expected(stack) -> dict[str, str]:
     return {topic: answer(stack, topic) for topic in TOPICS}
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def kill_engine(worker: subprocess.Popen) -> None:
+    """SIGKILL a worker's engine (its model process), as the kernel's OOM
+    killer does, and leave the worker process alone."""
+    import psutil
+
+    (engine,) = [p for p in psutil.Process(worker.pid).children(recursive=True) if p.name() == "VLLM::Worker"]
+    engine.send_signal(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL", "engine killed"])
 def test_a_decode_worker_that_dies_or_drains_mid_answer_loses_nothing(stack, expected, how, tmp_path):
     # SIGTERM: a drain far shorter than what is left of these answers, so
-    # what is running then is moved.
+    # what is running then is moved. Engine killed: the worker's engine is
+    # dead, the worker serves no more and leaves on its own.
     with extra_worker(stack, tmp_path / f"{VICTIM}.log", drain_timeout_s=0.3) as victim:
         moves_before = router_counter(stack, "baton_decode_moves_total")
         results: dict[str, dict] = {}
@@ -135,6 +145,9 @@ def test_a_decode_worker_that_dies_or_drains_mid_answer_loses_nothing(stack, exp
         if how == "SIGKILL":
             time.sleep(1.0)
             os.killpg(victim.pid, signal.SIGKILL)
+        elif how == "engine killed":
+            time.sleep(1.0)
+            kill_engine(victim)
         else:
             victim.send_signal(signal.SIGTERM)
         after_kill = [answer(stack, topic) for topic in TOPICS[:2]]
@@ -142,6 +155,8 @@ def test_a_decode_worker_that_dies_or_drains_mid_answer_loses_nothing(stack, exp
             thread.join(300)
         if how == "SIGTERM":
             assert victim.wait(60) == 0, "a drained worker exits cleanly"
+        elif how == "engine killed":
+            assert victim.wait(60) != 0, "a worker without its engine leaves, for its supervisor to restart it"
     check_nothing_lost(stack, expected, results, after_kill, moves_before)
 
 

@@ -16,6 +16,8 @@ from tests.e2e.conftest import baton_stack
 from tests.e2e.prompts import CAPITAL_QUESTION
 from tests.e2e.test_registry_and_status import status
 
+pytestmark = pytest.mark.own_stack
+
 PREFIX = "/baton/models"
 VARIANT = "smol-terse"
 VARIANT_SYSTEM = "You are Terse, an assistant that answers in as few words as it can."

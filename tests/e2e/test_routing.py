@@ -16,6 +16,8 @@ from tests.e2e.conftest import REPO, baton_command, baton_stack, wait_for
 from tests.e2e.prompts import CAPITAL_QUESTION, long_document
 from tests.e2e.test_registry_and_status import status, status_json
 
+pytestmark = pytest.mark.own_stack
+
 PREFIX = "/baton/routing"
 
 
