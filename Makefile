@@ -51,6 +51,10 @@ bench-handoff: setup
 bench-routing: setup
 	$(PY) -m bench.routing $(ARGS)
 
+.PHONY: bench-drain
+bench-drain: setup
+	$(PY) -m bench.drain $(ARGS)
+
 .PHONY: soak
 soak: setup
 	$(PY) -m bench.soak $(ARGS)

@@ -109,7 +109,11 @@ class Settings:
     request_timeout_s: float = 300.0
     decode_moves: int = 2
     """Router: how often one request may move to another decode worker when
-    its decode worker fails mid-answer (0: the client gets the error)."""
+    its decode worker fails or drains mid-answer (0: the client gets the error)."""
+    decode_handoffs: bool = True
+    """Router: a draining decode worker's running answers move with their KV
+    (sent over the KV data plane); off, they move as after a failure (the
+    receiving worker recomputes the prompt and the tokens streamed)."""
     max_requests_per_decode_worker: int = 256
     """Router: generation requests it admits at once, per live decode worker
     of the model (streaming or queued); beyond that it answers HTTP 429 /

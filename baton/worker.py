@@ -27,6 +27,10 @@ from kv_transfer.transport import available_backends
 
 log = get_logger(__name__)
 
+# After a servicer's own drain: what is still running then is cut off
+# (the router moves it by recomputing) after this grace.
+_STOP_GRACE_S = 2.0
+
 
 async def wait_for_signal() -> None:
     stop = asyncio.Event()
@@ -45,8 +49,10 @@ async def run_worker(
 ) -> None:
     """Start the engine, serve, register; on SIGINT/SIGTERM drain: leave the
     registry first (no new work arrives), let running requests finish for
-    up to ``drain_timeout_s`` (the router moves the rest elsewhere), then
-    stop the engine."""
+    up to ``drain_timeout_s`` (a decode worker then hands the rest, with
+    their KV, to the decode workers the router places them on; what cannot
+    be handed off the router moves by recomputing it), then stop the
+    engine."""
     worker_id = settings.worker_id or f"{role}-{uuid.uuid4().hex[:8]}"
     instance = uuid.uuid4().hex[:12]  # this process: a restart under the same id is another peer
     labels = parse_labels(settings.labels)  # a bad one fails before the engine starts
@@ -71,7 +77,8 @@ async def run_worker(
                            "agent_name": f"{worker_id}-{instance}",
                            "offer_ttl_s": settings.staging_ttl_s,
                            "kv_host": settings.advertise_host or settings.host,
-                           "staging_capacity_bytes": settings.staging_capacity_mib << 20},
+                           "staging_capacity_bytes": settings.staging_capacity_mib << 20,
+                           "handoff_dir": str(scratch / "handoff")},
         max_model_len=settings.max_model_len,
         dtype=settings.dtype,
         enforce_eager=settings.enforce_eager,
@@ -81,8 +88,8 @@ async def run_worker(
         gpu_memory_utilization=settings.gpu_memory_utilization,
         kv_events_endpoint=events_endpoint,
     ))
-    server, port, health = await start_server(f"{role}-worker", make_bindings(engine), settings.host,
-                                              settings.grpc_port)
+    bindings = make_bindings(engine)
+    server, port, health = await start_server(f"{role}-worker", bindings, settings.host, settings.grpc_port)
     kv_endpoints = read_endpoints(str(endpoint_file))
     # A consumer engine hosts KVTransfer (its inbox) at its grpc endpoint.
     kv_address = kv_endpoints.get("grpc", "")
@@ -111,7 +118,11 @@ async def run_worker(
         log.info("worker draining", worker_id=worker_id, drain_timeout_s=settings.drain_timeout_s)
         await health.enter_graceful_shutdown()  # health checks now say NOT_SERVING
         await registration.set_state("draining")  # out of placement; `baton status` shows it
-        await server.stop(grace=settings.drain_timeout_s)
+        # A servicer that drains itself (decode: hands running answers off
+        # with their KV) does so while the server still takes calls.
+        drains = [b.servicer.drain for b in bindings if hasattr(b.servicer, "drain")]
+        await asyncio.gather(*(drain(settings.drain_timeout_s) for drain in drains))
+        await server.stop(grace=_STOP_GRACE_S if drains else settings.drain_timeout_s)
         await registration.stop()
         await reporter.stop()
         dead = engine.dead

@@ -15,7 +15,7 @@ from baton.v1 import common_pb2, control_plane_pb2, control_plane_pb2_grpc
 from control_plane.kv_backend import choose_backend
 from control_plane.prefix_index import Cleared, PrefixIndex, Removed, Stored, block_keys
 from control_plane.scheduling import Candidate, EngineReport, NoWorker, Scheduler, SchedulingRequest
-from control_plane.scheduling.disaggregation import DISAGGREGATED, REQUESTED, Disaggregation
+from control_plane.scheduling.disaggregation import DISAGGREGATED, MOVED, REQUESTED, Disaggregation
 from control_plane.suspects import Suspects
 from control_plane.transfers import TransferState, TransferTable
 from kv_transfer.transport import BACKENDS, FALLBACK_BACKEND
@@ -142,10 +142,18 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
             worker = self._registry.workers.get(worker_id)
             if worker is not None:
                 self.suspects.mark(worker_id, worker.address, f"request {request.request_id} failed on it")
+        # A running request leaving a draining decode worker with its KV:
+        # that worker is the KV's source, where a prefill worker would be.
+        move_source = self._registry.workers.get(request.move_from) if request.move_from else None
+        if request.move_from and (move_source is None or move_source.role != "decode"):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"no decode worker {request.move_from!r} to move a request from")
         try:
             decode_pick = self._pick("decode", wanted_request, keys, now)
+            if decode_pick.worker_id == request.move_from:
+                raise NoWorker("decode: none but the worker the request leaves")
             try:
-                prefill_pick = self._pick("prefill", wanted_request, keys, now)
+                prefill_pick = None if move_source else self._pick("prefill", wanted_request, keys, now)
             except NoWorker:
                 if request.HasField("remote_prefill") and request.remote_prefill:
                     raise
@@ -156,7 +164,9 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
             # plane itself is down).
             code = grpc.StatusCode.FAILED_PRECONDITION if exc.client_error else grpc.StatusCode.RESOURCE_EXHAUSTED
             await context.abort(code, str(exc))
-        if request.HasField("remote_prefill") and prefill_pick is not None:
+        if move_source is not None:
+            decision = MOVED
+        elif request.HasField("remote_prefill") and prefill_pick is not None:
             decision = REQUESTED
             if not request.remote_prefill:
                 prefill_pick = None
@@ -166,7 +176,7 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
                 prefill_pick = None
         self._decisions[decision] += 1
         decode = self._registry.workers[decode_pick.worker_id]
-        prefill = self._registry.workers[prefill_pick.worker_id] if prefill_pick else None
+        prefill = move_source or (self._registry.workers[prefill_pick.worker_id] if prefill_pick else None)
         backend = choose_backend(wanted, prefill, decode) if prefill else ""
         transfer = self._transfers.open(request.request_id, prefill.worker_id if prefill else "", decode.worker_id,
                                         now, backend, fallback=bool(prefill) and backend != wanted,
@@ -176,7 +186,7 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
                                         predicted_cached=prefill_pick.cached_tokens if prefill_pick else 0)
         # Both will hold the prompt's blocks: the prefill worker computes
         # them, the decode worker loads them (or computes them itself).
-        for worker in filter(None, (prefill, decode)):
+        for worker in filter(None, (None if move_source else prefill, decode)):
             self._prefixes.placed(worker.worker_id, keys.at(self._prefixes.block_size(worker.worker_id)), now)
         if prefill and backend != wanted:
             # Loud and counted: a silent fallback costs users days.
@@ -201,7 +211,7 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
             placement.prefill.CopyFrom(control_plane_pb2.WorkerEndpoint(
                 worker_id=prefill.worker_id, address=prefill.address,
                 kv_endpoint=prefill.kv_endpoints.get(backend, "")))
-            placement.prefill_cached_tokens = prefill_pick.cached_tokens
+            placement.prefill_cached_tokens = prefill_pick.cached_tokens if prefill_pick else 0
         return placement
 
     async def ReportPrefillDone(self, request: control_plane_pb2.PrefillDone, context):

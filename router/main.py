@@ -45,7 +45,7 @@ async def serve(settings: Settings) -> None:
     for served in models:
         model_path = await asyncio.to_thread(resolve_model, served.model)
         pipeline = Pipeline(settings.control_plane_address, registry, served.name, metrics,
-                            settings.request_timeout_s, settings.decode_moves)
+                            settings.request_timeout_s, settings.decode_moves, settings.decode_handoffs)
         pipelines.append(pipeline)
         args = frontend_args(str(model_path), served.name, settings.max_model_len, settings.host,
                              settings.http_port, settings.frontend_args.split())

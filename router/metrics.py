@@ -19,6 +19,10 @@ class Metrics:
         self.decode_moves = Counter(
             "baton_decode_moves",
             "Requests moved to another decode worker mid-answer after theirs failed", registry=self.registry)
+        self.decode_handoffs = Counter(
+            "baton_decode_handoffs",
+            "Answers a draining decode worker handed, with their KV, to another decode worker mid-answer",
+            registry=self.registry)
         self.local_placements = Counter(
             "baton_local_placements",
             "Requests the router placed by itself (control plane unreachable), over its last known membership",

@@ -106,6 +106,33 @@ class _DecodeWorkerFailed(Exception):
         self.error = error
 
 
+class _HandingOff(Exception):
+    """The decode worker drains: it asks for its answer to move, with its
+    KV, to another decode worker (``HandOff``)."""
+
+    def __init__(self, request_id: str, worker: control_plane_pb2.WorkerEndpoint, call: grpc.aio.Call):
+        super().__init__(f"decode worker {worker.worker_id} is handing request {request_id} off")
+        self.request_id = request_id  # of the decode call
+        self.worker = worker
+        # Kept open until HandOff is called or given up: the worker keeps
+        # the request (and its KV) only while its Decode call lasts.
+        self.call = call
+
+
+async def _releasing(steps: AsyncIterator[Step], source: grpc.aio.Call) -> AsyncIterator[Step]:
+    """``steps`` of an answer handed off from ``source`` (the draining
+    worker's Decode call, kept open so that the worker stays while the
+    receiver reads its KV): released once the first step comes (the KV is
+    loaded, or recomputed) or the steps end."""
+    try:
+        async with contextlib.aclosing(steps):
+            async for step in steps:
+                source.cancel()
+                yield step
+    finally:
+        source.cancel()
+
+
 class _FirstTokenMismatch(Exception):
     """Decode sampled another first token than prefill (numerics differ at a
     near tie): its continuation does not follow what the client has."""
@@ -130,7 +157,7 @@ class _Channels:
 
 class Pipeline:
     def __init__(self, control_plane_address: str, registry: RegistryWatcher, model_name: str,
-                 metrics: Metrics, timeout_s: float, decode_moves: int = 2):
+                 metrics: Metrics, timeout_s: float, decode_moves: int = 2, decode_handoffs: bool = True):
         self._channels = _Channels()
         self._control_plane = control_plane_pb2_grpc.ControlPlaneStub(self._channels.get(control_plane_address))
         self._registry = registry
@@ -138,6 +165,7 @@ class Pipeline:
         self._metrics = metrics
         self._timeout_s = timeout_s
         self._decode_moves = decode_moves  # per request, to another decode worker when one fails
+        self._decode_handoffs = decode_handoffs  # a draining decode worker's answers move with their KV
         # Without the control plane, the same pipeline places requests
         # over the router's own registry view (no load figures: rotation).
         self._fallback = {role: make_scheduler("round-robin", role) for role in ("prefill", "decode")}
@@ -148,11 +176,13 @@ class Pipeline:
             await asyncio.wait(set(self._background), timeout=2)
         await self._channels.close()
 
-    async def _schedule(self, request: EngineRequest, avoid: tuple[str, ...] = ()) -> control_plane_pb2.Placement:
+    async def _schedule(self, request: EngineRequest, avoid: tuple[str, ...] = (),
+                        move_from: str = "") -> control_plane_pb2.Placement:
         message = control_plane_pb2.ScheduleRequest(
             request_id=request.request_id, model=self._model_name, prompt_tokens=len(request.prompt_token_ids),
             prompt_token_ids=request.prompt_token_ids, max_tokens=request.params.max_tokens or 0,
-            kv_backend=request.kv_backend, required_labels=request.required_labels, avoid_workers=avoid)
+            kv_backend=request.kv_backend, required_labels=request.required_labels, avoid_workers=avoid,
+            move_from=move_from)
         if request.remote_prefill is not None:
             message.remote_prefill = request.remote_prefill
         try:
@@ -163,16 +193,18 @@ class Pipeline:
             if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise from_rpc_error(exc, "control plane") from exc
             _left(request)  # unless the request's own deadline is what passed
+            if move_from:  # the control plane coordinates every KV transfer
+                raise NoCapacityError("control plane unreachable: no hand-off with KV") from exc
             log.warning("control plane unreachable; placing locally", error=exc.details())
             self._metrics.local_placements.inc()
             return self._fallback_placement(request, avoid)
 
-    async def _schedule_shielded(self, request: EngineRequest,
-                                 avoid: tuple[str, ...] = ()) -> control_plane_pb2.Placement:
+    async def _schedule_shielded(self, request: EngineRequest, avoid: tuple[str, ...] = (),
+                                 move_from: str = "") -> control_plane_pb2.Placement:
         """Schedule; if the client leaves meanwhile, the placement may still
         be made: close its transfer once it lands, so it does not count as
         load until it expires."""
-        scheduling = asyncio.ensure_future(self._schedule(request, avoid))
+        scheduling = asyncio.ensure_future(self._schedule(request, avoid, move_from))
         try:
             return await asyncio.shield(scheduling)
         except asyncio.CancelledError:
@@ -291,18 +323,23 @@ class Pipeline:
                 self._free_staged(placement, pushed_id)
                 self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
                              detail="ended before decode")
-            elif outcome.external_tokens > 0 and not outcome.recomputed:
-                self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_CONSUMED,
-                             nbytes=outcome.bytes, tokens=outcome.external_tokens)
-            elif outcome.recomputed:
-                self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_RECOMPUTED,
-                             detail="the decode worker could not load the KV")
-            elif outcome.transfer_id:
-                self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
-                             detail="KV not loaded: the decode worker had the prompt cached")
             else:
-                self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
-                             detail="decode ended before reporting its KV load (stop string, client gone or error)")
+                self._report_load(placement.transfer_id, outcome)
+
+    def _report_load(self, transfer_id: str, outcome: common_pb2.KVLoadStats) -> None:
+        """Close a transfer by what its decode worker said of the load."""
+        if outcome.external_tokens > 0 and not outcome.recomputed:
+            self._report(transfer_id, control_plane_pb2.TRANSFER_OUTCOME_CONSUMED,
+                         nbytes=outcome.bytes, tokens=outcome.external_tokens)
+        elif outcome.recomputed:
+            self._report(transfer_id, control_plane_pb2.TRANSFER_OUTCOME_RECOMPUTED,
+                         detail="the decode worker could not load the KV")
+        elif outcome.transfer_id:
+            self._report(transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
+                         detail="KV not loaded: the decode worker had the prompt cached")
+        else:
+            self._report(transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
+                         detail="decode ended before reporting its KV load (stop string, client gone or error)")
 
     async def _moving(self, request: EngineRequest, placement: control_plane_pb2.Placement,
                       decoding: AsyncIterator[Step], produced: list[int], started: float) -> AsyncIterator[Step]:
@@ -312,7 +349,8 @@ class Pipeline:
         ``decoding`` included) and goes on: the client sees one unbroken
         stream. At most ``decode_moves`` times per request."""
         budget = request.params.max_tokens
-        moved_to: list[str] = []  # the moves' transfers, closed when the answer ends
+        moved_to: list[str] = []  # the recomputing moves' transfers, closed when the answer ends
+        handed: list[tuple[str, common_pb2.KVLoadStats]] = []  # the hand-offs' transfers and their loads
         try:
             for move in range(self._decode_moves + 1):
                 try:
@@ -321,6 +359,23 @@ class Pipeline:
                             produced.extend(step.tokens.token_ids)
                             yield step
                     return
+                except _HandingOff as leaving:
+                    left = budget - len(produced)
+                    handing = None
+                    try:
+                        if move == self._decode_moves or left < 1:
+                            raise NoCapacityError(str(leaving)) from None
+                        handing = await self._hand_off(request, leaving, produced, left, move + 1, started)
+                    finally:
+                        if handing is None:
+                            leaving.call.cancel()  # the draining worker lets the request go
+                    if handing is not None:
+                        placement, decoding, outcome = handing
+                        decoding = _releasing(decoding, leaving.call)
+                        handed.append((placement.transfer_id, outcome))
+                        continue
+                    log.warning("decode worker drains and its answer could not be handed off; moving it",
+                                decode=placement.decode.worker_id, tokens_streamed=len(produced))
                 except _DecodeWorkerFailed as failed:
                     left = budget - len(produced)
                     if move == self._decode_moves or left < 1:
@@ -342,6 +397,55 @@ class Pipeline:
             for transfer_id in moved_to:
                 self._report(transfer_id, control_plane_pb2.TRANSFER_OUTCOME_LOCAL,
                              detail="a failed decode worker's request, moved here")
+            for transfer_id, outcome in handed:
+                self._report_load(transfer_id, outcome)
+
+    async def _hand_off(self, request: EngineRequest, leaving: _HandingOff, produced: list[int], left: int,
+                        number: int, started: float
+                        ) -> tuple[control_plane_pb2.Placement, AsyncIterator[Step], common_pb2.KVLoadStats] | None:
+        """The answer continues on another decode worker with its KV, sent
+        on from the draining one: placed by the control plane, handed off
+        there, then decoded after the last token streamed, as after a
+        prefill's first token. None when that cannot be (the caller moves it
+        by recomputing instead)."""
+        if not produced or not self._decode_handoffs:
+            return None
+        params = request.params.clone()
+        # ``_decode`` counts the last token streamed as its first.
+        params.max_tokens = left + 1
+        params.min_tokens = max(0, params.min_tokens - len(produced) + 1)
+        moved = dataclasses.replace(request, request_id=f"{request.request_id}-handoff{number}", params=params,
+                                    prompt_token_ids=[*request.prompt_token_ids, *produced[:-1]], remote_prefill=None)
+        source = leaving.worker
+        try:
+            placement = await self._schedule_shielded(moved, move_from=source.worker_id)
+        except BatonError as exc:
+            log.warning("no decode worker to hand the answer to", decode=source.worker_id, error=exc.message)
+            return None
+        stub = decode_pb2_grpc.DecodeWorkerStub(self._channels.get(source.address))
+        try:
+            handed = await stub.HandOff(decode_pb2.HandOffRequest(
+                request_id=leaving.request_id, transfer_id=placement.transfer_id,
+                kv_target=placement.decode.kv_endpoint, kv_backend=placement.kv_backend),
+                timeout=min(15.0, _left(request)))  # the worker waits up to 10 s for its engine
+        except grpc.aio.AioRpcError as exc:
+            log.warning("hand-off refused", decode=source.worker_id, error=exc.details())
+            self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED, detail="hand-off refused")
+            return None
+        if handed.tokens != len(moved.prompt_token_ids):
+            # Not what the client has: the receiver would continue elsewhere.
+            log.warning("hand-off covers other tokens than were streamed", handed=handed.tokens,
+                        streamed=len(moved.prompt_token_ids) + 1)
+            self._report(placement.transfer_id, control_plane_pb2.TRANSFER_OUTCOME_FAILED,
+                         detail="hand-off covered other tokens")
+            return None
+        self._metrics.decode_handoffs.inc()
+        log.info("answer handed off with its KV", source=source.worker_id, decode=placement.decode.worker_id,
+                 transfer_id=placement.transfer_id, kv_backend=placement.kv_backend, tokens=handed.tokens)
+        outcome = common_pb2.KVLoadStats()
+        decoding = self._decode(moved, placement, placement.transfer_id, started, outcome,
+                                after_first=produced[-1], continued=True)
+        return placement, decoding, outcome
 
     async def _prefill(self, request: EngineRequest, placement: control_plane_pb2.Placement,
                        transfer_id: str) -> prefill_pb2.PrefillResponse | None:
@@ -382,10 +486,13 @@ class Pipeline:
         message.sampling.CopyFrom(sampling.encode(params))
         decode = decode_pb2_grpc.DecodeWorkerStub(self._channels.get(placement.decode.address))
         ttft_pending = not continued and expect_first is None and after_first is None  # local prefill
-        finished = False
+        finished = handing_off = False
         call = decode.Decode(message, timeout=_left(request))
         try:
             async for item in call:
+                if item.handing_off:
+                    handing_off = True
+                    raise _HandingOff(message.request_id, placement.decode, call)
                 tokens = item.tokens
                 if expect_first is not None and tokens.token_ids:
                     if tokens.token_ids[0] != expect_first:
@@ -412,7 +519,8 @@ class Pipeline:
         finally:
             # Closed early (client gone, stop string, mismatch): cancel now,
             # not when the call is garbage-collected, so the worker stops.
-            call.cancel()
+            if not handing_off:
+                call.cancel()
             if not finished:
                 # Gone before the decode engine loaded the KV (or while it
                 # did): free it there now rather than at its inbox TTL.

@@ -22,7 +22,7 @@ TRANSFER_OUTCOME_RECOMPUTED: TransferOutcome
 TRANSFER_OUTCOME_LOCAL: TransferOutcome
 
 class ScheduleRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt_tokens", "kv_backend", "required_labels", "prompt_token_ids", "max_tokens", "remote_prefill", "avoid_workers")
+    __slots__ = ("request_id", "model", "prompt_tokens", "kv_backend", "required_labels", "prompt_token_ids", "max_tokens", "remote_prefill", "avoid_workers", "move_from")
     class RequiredLabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class ScheduleRequest(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REMOTE_PREFILL_FIELD_NUMBER: _ClassVar[int]
     AVOID_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MOVE_FROM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_tokens: int
@@ -48,7 +49,8 @@ class ScheduleRequest(_message.Message):
     max_tokens: int
     remote_prefill: bool
     avoid_workers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., kv_backend: _Optional[str] = ..., required_labels: _Optional[_Mapping[str, str]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., remote_prefill: _Optional[bool] = ..., avoid_workers: _Optional[_Iterable[str]] = ...) -> None: ...
+    move_from: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., kv_backend: _Optional[str] = ..., required_labels: _Optional[_Mapping[str, str]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., remote_prefill: _Optional[bool] = ..., avoid_workers: _Optional[_Iterable[str]] = ..., move_from: _Optional[str] = ...) -> None: ...
 
 class WorkerEndpoint(_message.Message):
     __slots__ = ("worker_id", "address", "kv_address", "kv_endpoint")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from baton.v1 import common_pb2 as baton_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62\x61ton/v1/decode.proto\x12\x08\x62\x61ton.v1\x1a\x15\x62\x61ton/v1/common.proto\"\xd5\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.EngineSampling\x12\x13\n\x0btransfer_id\x18\x04 \x01(\t\x12\x1b\n\x0e\x66irst_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nkv_backend\x18\x06 \x01(\t\x12\x11\n\tkv_source\x18\x07 \x01(\tB\x11\n\x0f_first_token_id\"\x93\x01\n\x0e\x44\x65\x63odeResponse\x12)\n\x06tokens\x18\x01 \x01(\x0b\x32\x19.baton.v1.GeneratedTokens\x12!\n\x02kv\x18\x02 \x01(\x0b\x32\x15.baton.v1.KVLoadStats\x12\x33\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x1a.baton.v1.PositionLogprobs2M\n\x0c\x44\x65\x63odeWorker\x12=\n\x06\x44\x65\x63ode\x12\x17.baton.v1.DecodeRequest\x1a\x18.baton.v1.DecodeResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62\x61ton/v1/decode.proto\x12\x08\x62\x61ton.v1\x1a\x15\x62\x61ton/v1/common.proto\"\xd5\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.EngineSampling\x12\x13\n\x0btransfer_id\x18\x04 \x01(\t\x12\x1b\n\x0e\x66irst_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nkv_backend\x18\x06 \x01(\t\x12\x11\n\tkv_source\x18\x07 \x01(\tB\x11\n\x0f_first_token_id\"\xa8\x01\n\x0e\x44\x65\x63odeResponse\x12)\n\x06tokens\x18\x01 \x01(\x0b\x32\x19.baton.v1.GeneratedTokens\x12!\n\x02kv\x18\x02 \x01(\x0b\x32\x15.baton.v1.KVLoadStats\x12\x33\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x1a.baton.v1.PositionLogprobs\x12\x13\n\x0bhanding_off\x18\x04 \x01(\x08\"`\n\x0eHandOffRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x11\n\tkv_target\x18\x03 \x01(\t\x12\x12\n\nkv_backend\x18\x04 \x01(\t\"!\n\x0fHandOffResponse\x12\x0e\n\x06tokens\x18\x01 \x01(\r2\x8d\x01\n\x0c\x44\x65\x63odeWorker\x12=\n\x06\x44\x65\x63ode\x12\x17.baton.v1.DecodeRequest\x1a\x18.baton.v1.DecodeResponse0\x01\x12>\n\x07HandOff\x12\x18.baton.v1.HandOffRequest\x1a\x19.baton.v1.HandOffResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEREQUEST']._serialized_start=59
   _globals['_DECODEREQUEST']._serialized_end=272
   _globals['_DECODERESPONSE']._serialized_start=275
-  _globals['_DECODERESPONSE']._serialized_end=422
-  _globals['_DECODEWORKER']._serialized_start=424
-  _globals['_DECODEWORKER']._serialized_end=501
+  _globals['_DECODERESPONSE']._serialized_end=443
+  _globals['_HANDOFFREQUEST']._serialized_start=445
+  _globals['_HANDOFFREQUEST']._serialized_end=541
+  _globals['_HANDOFFRESPONSE']._serialized_start=543
+  _globals['_HANDOFFRESPONSE']._serialized_end=576
+  _globals['_DECODEWORKER']._serialized_start=579
+  _globals['_DECODEWORKER']._serialized_end=720
 # @@protoc_insertion_point(module_scope)

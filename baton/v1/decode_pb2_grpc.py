@@ -41,6 +41,11 @@ class DecodeWorkerStub:
                 request_serializer=baton_dot_v1_dot_decode__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_decode__pb2.DecodeResponse.FromString,
                 _registered_method=True)
+        self.HandOff = channel.unary_unary(
+                '/baton.v1.DecodeWorker/HandOff',
+                request_serializer=baton_dot_v1_dot_decode__pb2.HandOffRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_decode__pb2.HandOffResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeWorkerServicer:
@@ -54,6 +59,16 @@ class DecodeWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HandOff(self, request, context):
+        """A draining worker's running request (its Decode stream said
+        handing_off) moves, with its KV, to the decode worker the caller
+        placed it on: the engine stops it and sends (or, on a pull backend,
+        offers) the KV of every token streamed so far but the last.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +76,11 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
                     servicer.Decode,
                     request_deserializer=baton_dot_v1_dot_decode__pb2.DecodeRequest.FromString,
                     response_serializer=baton_dot_v1_dot_decode__pb2.DecodeResponse.SerializeToString,
+            ),
+            'HandOff': grpc.unary_unary_rpc_method_handler(
+                    servicer.HandOff,
+                    request_deserializer=baton_dot_v1_dot_decode__pb2.HandOffRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_decode__pb2.HandOffResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -92,6 +112,33 @@ class DecodeWorker:
             '/baton.v1.DecodeWorker/Decode',
             baton_dot_v1_dot_decode__pb2.DecodeRequest.SerializeToString,
             baton_dot_v1_dot_decode__pb2.DecodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HandOff(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.DecodeWorker/HandOff',
+            baton_dot_v1_dot_decode__pb2.HandOffRequest.SerializeToString,
+            baton_dot_v1_dot_decode__pb2.HandOffResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,7 +29,8 @@ SHORT_UNCACHED = "short-uncached"  # the decode worker lacks little of the promp
 PREFILL_BACKLOG = "prefill-backlog"  # the prefill pool's queue outweighs the decode worker's prefill
 NO_PREFILL_WORKER = "no-prefill-worker"  # none live (or none allowed): decode serves alone
 REQUESTED = "requested"  # the client chose (vLLM's do_remote_prefill)
-REASONS = (DISAGGREGATED, SHORT_UNCACHED, PREFILL_BACKLOG, NO_PREFILL_WORKER, REQUESTED)
+MOVED = "moved"  # a draining decode worker's running request, its KV sent on from there
+REASONS = (DISAGGREGATED, SHORT_UNCACHED, PREFILL_BACKLOG, NO_PREFILL_WORKER, REQUESTED, MOVED)
 
 
 @dataclass(frozen=True)

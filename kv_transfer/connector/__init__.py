@@ -56,6 +56,7 @@ class ConnectorOptions:
     # yet loaded (consumer) or copied out and not yet sent (producer).
     staging_capacity_bytes: int = 1 << 30
     chunk_bytes: int = 1 << 20  # producer, grpc: bytes per wire message
+    handoff_dir: str = ""  # where the worker service leaves notes of requests it hands off (``kv_transfer.handoff``)
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorOptions:
@@ -158,11 +159,11 @@ class BatonConnector(KVConnectorBase_V1):
         self._worker_side: BatonWorkerSide | None = None
         self._options = options
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler_side = BatonSchedulerSide(block_size)
+            self._scheduler_side = BatonSchedulerSide(block_size, options.handoff_dir)
             return
         self._worker_side = BatonWorkerSide(_model_signature(vllm_config), block_size, kv_cache_config.num_blocks,
                                             _make_backends(options, transfer.is_kv_consumer),
-                                            _cpu_attention_isa(vllm_config))
+                                            _cpu_attention_isa(vllm_config), options.handoff_dir)
 
     @property
     def _worker(self) -> BatonWorkerSide:

@@ -64,6 +64,9 @@ class BatonConnectorMetadata(KVConnectorMetadata):
     # Consumer: (backend, transfer id, producer endpoint) of requests that
     # ended without loading their transfer (a local prefix hit, an abort).
     declined: list[tuple[str, str, str]] = field(default_factory=list)
+    # Running requests handed, with their KV, to another engine (a draining
+    # decode worker): their blocks go out now, outside any forward.
+    moves: list[SaveSpec] = field(default_factory=list)
 
 
 @dataclass

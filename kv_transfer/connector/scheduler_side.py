@@ -4,8 +4,10 @@ load; never touches KV bytes. Lives in the engine-core process."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from baton.logs import get_logger
 from kv_transfer.connector.metadata import (
     BatonConnectorMetadata,
     BatonWorkerMetadata,
@@ -13,9 +15,12 @@ from kv_transfer.connector.metadata import (
     RestoreSpec,
     SaveSpec,
 )
+from kv_transfer.handoff import take_note
 from kv_transfer.params import ConsumerParams, LoadReport, ProducerParams, parse
 from kv_transfer.transport import PULL_BACKENDS
 from kv_transfer.wire import blocks_for_tokens
+
+log = get_logger(__name__)
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -32,8 +37,10 @@ class _PendingPush:
 
 
 class BatonSchedulerSide:
-    def __init__(self, block_size: int):
+    def __init__(self, block_size: int, handoff_dir: str = ""):
         self.block_size = block_size
+        self._handoff_dir = Path(handoff_dir) if handoff_dir else None
+        self._moves: list[SaveSpec] = []  # requests handed off, for the next step
         self._pushes: dict[str, _PendingPush] = {}  # producer requests not yet pushed
         self._loads: list[LoadSpec] = []  # consumer loads for the next step
         self._loading: dict[str, int] = {}  # req_id → external tokens
@@ -83,8 +90,8 @@ class BatonSchedulerSide:
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> BatonConnectorMetadata:
         meta = BatonConnectorMetadata(loads=self._loads, held=self._held, released=self._released,
-                                      declined=self._declined)
-        self._loads, self._held, self._released, self._declined = [], set(), set(), []
+                                      declined=self._declined, moves=self._moves)
+        self._loads, self._held, self._released, self._declined, self._moves = [], set(), set(), [], []
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             if new.req_id in self._armed:
@@ -135,6 +142,34 @@ class BatonSchedulerSide:
                 self._armed.add(req_id)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        delay_free, params = self._finished(request)
+        return self._hand_off(request, block_ids) or delay_free, params
+
+    def _hand_off(self, request: Request, block_ids: list[int]) -> bool:
+        """An aborted request the worker service handed to another engine:
+        its first tokens' KV goes out next step (the blocks are kept until
+        read on a pull backend). Returns whether the blocks are kept."""
+        from vllm.v1.request import RequestStatus
+
+        if self._handoff_dir is None or request.status != RequestStatus.FINISHED_ABORTED:
+            return False
+        note = take_note(self._handoff_dir, request.request_id)
+        if note is None:
+            return False
+        blocks = blocks_for_tokens(note.num_tokens, self.block_size)
+        if note.num_tokens > request.num_computed_tokens or blocks > len(block_ids):
+            # Not computed (yet): nothing goes; the receiver recomputes.
+            log.warning("hand-off covers tokens not computed here; not sent", transfer_id=note.transfer_id,
+                        tokens=note.num_tokens, computed=request.num_computed_tokens)
+            return False
+        self._moves.append(SaveSpec(request.request_id, note.transfer_id, note.kv_target, tuple(block_ids[:blocks]),
+                                    note.num_tokens, "", note.backend))
+        if note.backend not in PULL_BACKENDS:
+            return False  # copied out next step, before any forward can reuse the blocks
+        self._held.add(request.request_id)
+        return True
+
+    def _finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
         self._pushes.pop(req_id, None)
         params = parse(request.kv_transfer_params)

@@ -17,13 +17,20 @@ import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
 
 from baton.logs import get_logger
 from kv_transfer.blocks import write_block
-from kv_transfer.connector.metadata import BatonConnectorMetadata, BatonWorkerMetadata, LoadSpec
+from kv_transfer.connector.metadata import (
+    BatonConnectorMetadata,
+    BatonWorkerMetadata,
+    LoadSpec,
+    SaveSpec,
+)
+from kv_transfer.handoff import mark_sent
 from kv_transfer.transport.base import (
     SINGLE_RANK,
     KVBackend,
@@ -38,12 +45,13 @@ log = get_logger(__name__)
 
 class BatonWorkerSide:
     def __init__(self, layout_signature: str, block_size: int, num_blocks: int, backends: dict[str, KVBackend],
-                 cpu_attention_isa: str = ""):
+                 cpu_attention_isa: str = "", handoff_dir: str = ""):
         self._signature = layout_signature
         self._cpu_attention_isa = cpu_attention_isa  # the attention's block layout, see ``TokenSlots``
         self._block_size = block_size
         self._num_blocks = num_blocks
         self._backends = backends
+        self._handoff_dir = Path(handoff_dir) if handoff_dir else None
         self.cache: KVCache | None = None
         self._layer_index: dict[str, int] = {}
         self._outbound: dict[str, Outbound] = {}  # this step's transfers by req_id
@@ -84,6 +92,10 @@ class BatonWorkerSide:
 
     # --- producer ---------------------------------------------------------
     def start_step(self, meta: BatonConnectorMetadata) -> None:
+        # Before the holds below: a hand-off's offer must exist when vLLM's
+        # hold on its blocks is announced, or they would be freed unread.
+        for spec in meta.moves:
+            self._hand_off(spec)
         for backend in self._backends.values():
             if backend.holds_source_blocks:
                 backend.hold(meta.held, True)
@@ -104,6 +116,25 @@ class BatonWorkerSide:
         with self._lock:
             kept = [(r.block_id, self._kept.pop(r.req_id, None)) for r in meta.restores]
         self._restores = [(block_id, blocks) for block_id, blocks in kept if blocks is not None]
+
+    def _hand_off(self, spec: SaveSpec) -> None:
+        """A running request's KV, which no forward is writing any more,
+        sent (or offered) whole now."""
+        try:
+            spec = dataclasses.replace(spec, kv_target=endpoint_for(spec.kv_target, self.cache.rank))
+            outbound = self._backend(spec.backend).send(spec)
+            for index, layer in enumerate(self.cache.layers):
+                outbound.layer_saved(index, layer)
+            outbound.step_done()
+            log.info("kv handed off", transfer_id=spec.transfer_id, req_id=spec.req_id, tokens=spec.num_tokens,
+                     blocks=len(spec.block_ids), backend=spec.backend)
+            error = ""
+        except Exception as exc:  # the router moves the answer by recomputing it
+            log.warning("kv hand-off could not be opened", transfer_id=spec.transfer_id, backend=spec.backend,
+                        error=str(exc))
+            error = str(exc) or type(exc).__name__
+        if self._handoff_dir is not None and self.cache.rank.index == 0:  # one word for all ranks
+            mark_sent(self._handoff_dir, spec.req_id, error)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor) -> None:
         if not self._outbound and not self._restores:

@@ -36,13 +36,33 @@ def token_at(position: int) -> int:
 
 
 class Worker(prefill_pb2_grpc.PrefillWorkerServicer, decode_pb2_grpc.DecodeWorkerServicer):
-    def __init__(self, worker_id: str, fail_after: int | None = None):
+    def __init__(self, worker_id: str, fail_after: int | None = None, drain_after: int | None = None,
+                 refuse_hand_off: bool = False):
         """``fail_after``: tokens a decode streams before its worker dies
-        (None: never; prefill: fails at once when set)."""
+        (None: never; prefill: fails at once when set). ``drain_after``:
+        tokens it streams before it drains and asks for a hand-off."""
         self.worker_id = worker_id
         self.fail_after = fail_after
+        self.drain_after = drain_after
+        self.refuse_hand_off = refuse_hand_off
         self.calls: list = []
+        self.hand_offs: list[decode_pb2.HandOffRequest] = []
+        self._handed = asyncio.Event()
+        self._streaming: dict[str, int] = {}  # request id → engine prompt tokens + streamed
+        self.first_yield_at: float | None = None  # when its Decode first streamed a token
+        self.released_at: float | None = None  # when the Decode call that handed off ended
         self.address = ""
+
+    @property
+    def kv_endpoint(self) -> str:
+        return f"kv-of-{self.worker_id}"
+
+    async def HandOff(self, request, context):
+        self.hand_offs.append(request)
+        if self.refuse_hand_off or request.request_id not in self._streaming:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "not handing that off")
+        self._handed.set()
+        return decode_pb2.HandOffResponse(tokens=self._streaming[request.request_id] - 1)
 
     async def Prefill(self, request, context):
         self.calls.append(request)
@@ -58,10 +78,28 @@ class Worker(prefill_pb2_grpc.PrefillWorkerServicer, decode_pb2_grpc.DecodeWorke
         for i in range(max_tokens):
             if self.fail_after is not None and i == self.fail_after:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+            if self.drain_after is not None and i == self.drain_after:
+                self._streaming[request.request_id] = position + i
+                try:
+                    yield decode_pb2.DecodeResponse(handing_off=True)
+                    await asyncio.wait_for(self._handed.wait(), 5)
+                    await asyncio.sleep(5)  # the KV is read from here until the router lets go
+                finally:
+                    self.released_at = time.monotonic()
+                    # As a real worker: a request is there to hand off
+                    # only while its Decode call lasts.
+                    del self._streaming[request.request_id]
+                return
+            if self.first_yield_at is None:
+                self.first_yield_at = time.monotonic()
             last = i == max_tokens - 1
-            yield decode_pb2.DecodeResponse(tokens=common_pb2.GeneratedTokens(
+            message = decode_pb2.DecodeResponse(tokens=common_pb2.GeneratedTokens(
                 token_ids=[token_at(position + i)],
                 finish_reason=common_pb2.FINISH_REASON_LENGTH if last else common_pb2.FINISH_REASON_UNSPECIFIED))
+            if last and request.transfer_id:
+                message.kv.CopyFrom(common_pb2.KVLoadStats(transfer_id=request.transfer_id, bytes=1000,
+                                                           external_tokens=len(request.prompt_token_ids)))
+            yield message
 
 
 class ControlPlane(control_plane_pb2_grpc.ControlPlaneServicer):
@@ -76,11 +114,17 @@ class ControlPlane(control_plane_pb2_grpc.ControlPlaneServicer):
     async def Schedule(self, request, context):
         self.schedules.append(request)
         self.avoided.update(request.avoid_workers)
-        decode = next(w for w in self.decode if w.worker_id not in self.avoided)
+        decode = next(w for w in self.decode if w.worker_id not in self.avoided | {request.move_from})
         placement = control_plane_pb2.Placement(
             decode=control_plane_pb2.WorkerEndpoint(worker_id=decode.worker_id, address=decode.address,
-                                                    kv_address=decode.address),
+                                                    kv_address=decode.address, kv_endpoint=decode.kv_endpoint),
             transfer_id=f"t{len(self.schedules)}", kv_backend="nixl")
+        if request.move_from:  # the draining decode worker is the KV's source
+            source = next(w for w in self.decode if w.worker_id == request.move_from)
+            placement.prefill.CopyFrom(control_plane_pb2.WorkerEndpoint(
+                worker_id=source.worker_id, address=source.address, kv_endpoint=source.kv_endpoint))
+            placement.decision = "moved"
+            return placement
         prefill = next((w for w in self.prefill if w.worker_id not in self.avoided), None)
         if prefill is not None and not (request.HasField("remote_prefill") and not request.remote_prefill):
             placement.prefill.CopyFrom(control_plane_pb2.WorkerEndpoint(worker_id=prefill.worker_id,
@@ -150,6 +194,39 @@ async def test_a_decode_worker_failing_mid_answer_hands_the_request_over_and_the
     # The move's own placement is closed when the answer ends.
     assert any(r.transfer_id == "t2" and r.outcome == control_plane_pb2.TRANSFER_OUTCOME_LOCAL
                for r in control_plane.reports)
+
+
+async def test_a_draining_decode_worker_hands_the_answer_off_with_its_kv():
+    d1, d2 = Worker("d1", drain_after=3), Worker("d2")
+    tokens, control_plane, metrics = await run([Worker("p1")], [d1, d2])
+    assert tokens == EXPECTED, "one unbroken stream, as without the drain"
+    moved = control_plane.schedules[-1]
+    assert moved.move_from == "d1" and not moved.avoid_workers, "a drain is no failure"
+    (hand_off,) = d1.hand_offs
+    assert hand_off.request_id == "r" and hand_off.transfer_id == "t2" and hand_off.kv_target == "kv-of-d2"
+    (continued,) = d2.calls
+    # The prompt and 1 + 3 tokens streamed: the KV of all but the last,
+    # which d2 computes and continues after, 4 tokens to go.
+    assert list(continued.prompt_token_ids) == PROMPT + EXPECTED[:3]
+    assert continued.first_token_id == EXPECTED[3] and sampling.decode(continued.sampling).max_tokens == 4
+    assert continued.transfer_id == "t2" and continued.kv_source == "kv-of-d1"
+    assert metrics.decode_handoffs._value.get() == 1 and metrics.decode_moves._value.get() == 0
+    # d1 stays (its engine holds the KV d2 reads) until d2 streams, no longer.
+    assert d2.first_yield_at <= d1.released_at < d2.first_yield_at + 1
+    assert any(r.transfer_id == "t2" and r.outcome == control_plane_pb2.TRANSFER_OUTCOME_CONSUMED
+               for r in control_plane.reports)
+
+
+async def test_an_answer_that_cannot_be_handed_off_is_moved_by_recomputing():
+    d1, d2 = Worker("d1", drain_after=3, refuse_hand_off=True), Worker("d2")
+    tokens, control_plane, metrics = await run([Worker("p1")], [d1, d2])
+    assert tokens == EXPECTED
+    assert len(d1.hand_offs) == 1 and metrics.decode_handoffs._value.get() == 0
+    assert metrics.decode_moves._value.get() == 1
+    (moved,) = d2.calls
+    assert list(moved.prompt_token_ids) == PROMPT + EXPECTED[:4] and not moved.transfer_id
+    assert any(r.transfer_id == "t2" and r.outcome == control_plane_pb2.TRANSFER_OUTCOME_FAILED
+               for r in control_plane.reports), "the refused hand-off's transfer is closed"
 
 
 async def test_moves_are_bounded_then_the_client_gets_the_error():
