@@ -36,19 +36,26 @@ def _sent_path(directory: Path, request_id: str) -> Path:
     return directory / f"{request_id}.sent"
 
 
-def write_note(directory: Path, request_id: str, note: HandOffNote) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = _path(directory, request_id)
+def _caller_request_id(engine_request_id: str) -> str:
+    """vLLM suffixes the caller's request id with ``-`` and 8 characters."""
+    return engine_request_id.rsplit("-", 1)[0]
+
+
+def _write_whole(path: Path, text: str) -> None:
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(asdict(note)))
+    partial.write_text(text)
     partial.replace(path)
 
 
+def write_note(directory: Path, request_id: str, note: HandOffNote) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_whole(_path(directory, request_id), json.dumps(asdict(note)))
+
+
 def take_note(directory: Path, engine_request_id: str) -> HandOffNote | None:
-    """The note for an engine request (vLLM suffixes the caller's request id
-    with ``-`` and 8 characters), removed once read; None if there is none."""
-    request_id = engine_request_id.rsplit("-", 1)[0]
-    path = _path(directory, request_id)
+    """The note for an engine request, removed once read; None if there is
+    none."""
+    path = _path(directory, _caller_request_id(engine_request_id))
     try:
         note = HandOffNote(**json.loads(path.read_text()))
     except FileNotFoundError:
@@ -61,10 +68,7 @@ def take_note(directory: Path, engine_request_id: str) -> HandOffNote | None:
 def mark_sent(directory: Path, engine_request_id: str, error: str = "") -> None:
     """The engine's word on a hand-off: its KV is sent or offered (or, with
     ``error``, could not be)."""
-    path = _sent_path(directory, engine_request_id.rsplit("-", 1)[0])
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(error)
-    partial.replace(path)
+    _write_whole(_sent_path(directory, _caller_request_id(engine_request_id)), error)
 
 
 async def until_sent(directory: Path, request_id: str, timeout_s: float) -> str | None:

@@ -124,13 +124,16 @@ async def _releasing(steps: AsyncIterator[Step], source: grpc.aio.Call) -> Async
     worker's Decode call, kept open so that the worker stays while the
     receiver reads its KV): released once the first step comes (the KV is
     loaded, or recomputed) or the steps end."""
-    try:
-        async with contextlib.aclosing(steps):
-            async for step in steps:
-                source.cancel()
-                yield step
-    finally:
-        source.cancel()
+    async with contextlib.aclosing(steps):
+        try:
+            first = await anext(steps, None)
+        finally:
+            source.cancel()
+        if first is None:
+            return
+        yield first
+        async for step in steps:
+            yield step
 
 
 class _FirstTokenMismatch(Exception):
