@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from typing import Any
 
 from baton.config import Settings, load_settings
@@ -38,6 +39,7 @@ _WORKER_FLAGS: list[tuple[str, str, type, str]] = [
     ("--kv-push-start-timeout-ms", "kv_push_start_timeout_ms", int,
      "decode: recompute at once if the KV push has not begun by then"),
 ]
+_METRICS_FLAG = ("--metrics-port", "metrics_port", int, "Prometheus /metrics port (0: any free port)")
 _MODELS_FLAG = ("--models", "models", str,
                 "several models at once: NAME=DIRECTORY,... (empty DIRECTORY: the embedded model)")
 _ROUTER_FLAGS: list[tuple[str, str, type, str]] = [
@@ -81,10 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--log-dir", default=None, help="where service logs go (default: a new run folder)")
 
     # The control plane binds the port of --control-plane host:port.
-    for name, flags in (("control-plane", _CONTROL_PLANE_FLAGS),
+    for name, flags in (("control-plane", [*_CONTROL_PLANE_FLAGS, _METRICS_FLAG]),
                         ("router", _ROUTER_FLAGS),
-                        ("prefill-worker", _WORKER_FLAGS),
-                        ("decode-worker", _WORKER_FLAGS)):
+                        ("prefill-worker", [*_WORKER_FLAGS, _METRICS_FLAG]),
+                        ("decode-worker", [*_WORKER_FLAGS, _METRICS_FLAG])):
         p = sub.add_parser(name, help=f"run one {name}")
         _add(p, _COMMON_FLAGS + flags)
 
@@ -98,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="workers from etcd with transfer counters")
     _add(status, [f for f in _COMMON_FLAGS if f[1] in ("etcd_endpoint", "etcd_prefix", "control_plane_address")])
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                        help="redraw every SECONDS (default 2) until Ctrl-C")
     status.add_argument("--run", default=None,
                         help="a `baton up` log folder to read endpoints from (default, when no --etcd or "
                              "--control-plane is given: the latest `baton up` still running)")
@@ -123,7 +127,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "control-plane":
         from control_plane.main import serve
 
-        asyncio.run(serve(_settings(args, _COMMON_FLAGS + _CONTROL_PLANE_FLAGS)))
+        asyncio.run(serve(_settings(args, _COMMON_FLAGS + _CONTROL_PLANE_FLAGS + [_METRICS_FLAG])))
         return 0
     if args.command == "router":
         from router.main import serve
@@ -133,12 +137,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "prefill-worker":
         from prefill_worker.main import serve
 
-        asyncio.run(serve(_settings(args, _COMMON_FLAGS + _WORKER_FLAGS)))
+        asyncio.run(serve(_settings(args, _COMMON_FLAGS + _WORKER_FLAGS + [_METRICS_FLAG])))
         return 0
     if args.command == "decode-worker":
         from decode_worker.main import serve
 
-        asyncio.run(serve(_settings(args, _COMMON_FLAGS + _WORKER_FLAGS)))
+        asyncio.run(serve(_settings(args, _COMMON_FLAGS + _WORKER_FLAGS + [_METRICS_FLAG])))
         return 0
     if args.command == "scale":
         from baton.up_control import scale
@@ -163,9 +167,16 @@ def _dispatch(args: argparse.Namespace) -> int:
             if run is not None:
                 settings = dataclasses.replace(settings, etcd_endpoint=run["etcd"], etcd_prefix=run["etcd_prefix"],
                                                control_plane_address=run["control_plane"])
-        status = asyncio.run(collect_status(settings))
-        print(json.dumps(status, indent=2) if args.json else render_table(status))
-        return 0
+        while True:
+            status = asyncio.run(collect_status(settings))
+            shown = json.dumps(status, indent=2) if args.json else render_table(status)
+            if args.watch is None:
+                print(shown)
+                return 0
+            # Home and clear, then the table: a terminal redraws in place.
+            print(f"\x1b[H\x1b[2J{time.strftime('%H:%M:%S')}  every {args.watch:g} s, Ctrl-C to stop\n{shown}",
+                  flush=True)
+            time.sleep(args.watch)
     raise ValueError(f"unknown command {args.command}")
 
 

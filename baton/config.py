@@ -44,6 +44,10 @@ class Settings:
     """Port of a worker's or the control plane's gRPC server; 0 picks a free one."""
     kv_port: int = 0
     """Decode worker: port of the KVTransfer endpoint; 0 picks a free one."""
+    metrics_port: int = 0
+    """Control plane and workers: port of their Prometheus /metrics; 0 picks a
+    free one (a worker publishes its own in the registry). The router serves
+    /metrics on its HTTP port."""
     labels: str = ""
     """Worker: labels placement can require, "key=value,key=value" (e.g. "region=eu")."""
     lease_ttl_s: int = 5

@@ -19,6 +19,7 @@ from pathlib import Path
 from baton.config import Settings
 from baton.etcd_server import EmbeddedEtcd
 from baton.model_store import default_cache_dir, resolve_model
+from baton.rpc import free_port
 from baton.served_models import served_models
 from baton.up_control import SOCKET_FILE, ControlSocket, write_run_file
 
@@ -75,6 +76,7 @@ class LocalStack:
         self.etcd: EmbeddedEtcd | None = None
         self.etcd_endpoint = settings.etcd_endpoint
         self.control_plane = settings.control_plane_address
+        self.control_plane_metrics = f"{settings.host}:{free_port(settings.host)}"
         self.models = served_models(settings)
 
     def _spawn(self, name: str, command: list[str]) -> Child:
@@ -109,7 +111,8 @@ class LocalStack:
         common = self._common()
         self._spawn("control-plane", ["control-plane", *common, "--policy", self.settings.policy,
                                       "--kv-backend", self.settings.kv_backend,
-                                      "--disaggregation", self.settings.disaggregation])
+                                      "--disaggregation", self.settings.disaggregation,
+                                      "--metrics-port", self.control_plane_metrics.rpartition(":")[2]])
         for m in range(len(self.models)):
             for i in range(self.n_prefill):
                 self._spawn_worker("prefill", m, i)
@@ -133,7 +136,8 @@ class LocalStack:
         model = ["--served-model-name", served.name] + (["--model", served.model] if served.model else [])
         child = self._spawn(name, [f"{role}-worker", *self._common(), *model, "--worker-id", name,
                                    "--cpu-cores", cores, "--kv-cache-gib", str(self.settings.kv_cache_gib),
-                                   "--kv-cache-blocks", str(self.settings.kv_cache_blocks)])
+                                   "--kv-cache-blocks", str(self.settings.kv_cache_blocks),
+                                   "--metrics-port", "0"])
         child.role, child.model_index, child.index = role, m, index
         return child
 
@@ -302,6 +306,7 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
         base = f"http://{settings.host}:{settings.http_port}/v1"
         write_run_file(log_dir, {"etcd": stack.etcd_endpoint, "etcd_prefix": settings.etcd_prefix,
                                  "control_plane": stack.control_plane, "http": base,
+                                 "control_plane_metrics": f"http://{stack.control_plane_metrics}/metrics",
                                  "grpc": f"{settings.host}:{settings.router_grpc_port}",
                                  "models": [s.name for s in models]})
         control = ControlSocket(log_dir / SOCKET_FILE)

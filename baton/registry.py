@@ -43,6 +43,7 @@ class WorkerRecord:
     # the same address) is another peer, and what was placed on its
     # predecessor is failed, not handed to it.
     instance: str = ""
+    metrics_address: str = ""  # host:port of its Prometheus /metrics
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

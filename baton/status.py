@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 
 from baton.config import Settings
@@ -18,7 +20,7 @@ async def collect_status(settings: Settings) -> dict:
     except Exception as exc:  # aetcd raises its own hierarchy; all mean "no registry"
         raise RuntimeError(f"cannot read the registry from etcd at {settings.etcd_endpoint}: {exc}") from exc
     counters: dict[str, control_plane_pb2.WorkerStatus] = {}
-    backends = prefix_index = policy = decisions = None
+    backends = prefix_index = policy = decisions = recent_errors = None
     reachable = True
     async with channel(settings.control_plane_address) as ch:
         try:
@@ -30,18 +32,20 @@ async def collect_status(settings: Settings) -> dict:
             prefix_index = {field: getattr(response.prefix_index, field) for field in _PREFIX_FIELDS}
             policy = response.policy
             decisions = dict(sorted(response.decisions.items()))
+            recent_errors = [{"unix_s": e.unix_s, "kind": e.kind, "worker_id": e.worker_id,
+                              "transfer_id": e.transfer_id, "detail": e.detail} for e in response.recent_errors]
         except grpc.aio.AioRpcError:
             reachable = False
     rows = []
     for w in sorted(workers, key=lambda w: (w.role, w.worker_id)):
         c = counters.get(w.worker_id)
         row = {"worker_id": w.worker_id, "role": w.role, "pid": w.pid, "instance": w.instance, "address": w.address,
-               "kv_address": w.kv_address, "model": w.model,
+               "kv_address": w.kv_address, "metrics_address": w.metrics_address, "model": w.model,
                "state": c.state if c else w.state, "labels": dict(w.labels)}
         row["transfers"] = None if not reachable else {
             "in_flight": c.in_flight if c else 0, "total": c.transfers_total if c else 0,
             "consumed": c.transfers_consumed if c else 0, "failed": c.transfers_failed if c else 0,
-            "expired": c.transfers_expired if c else 0}
+            "expired": c.transfers_expired if c else 0, "kv_bytes": c.kv_bytes if c else 0}
         row["scheduling"] = None if not reachable else {
             "prefix_source": c.prefix_source if c else "", "cached_blocks": c.cached_blocks if c else 0,
             "queued_prefill_tokens": c.queued_prefill_tokens if c else 0, "running": c.running if c else 0,
@@ -49,7 +53,15 @@ async def collect_status(settings: Settings) -> dict:
             if c and c.HasField("engine") else None}
         rows.append(row)
     return {"workers": rows, "kv_backends": backends, "prefix_index": prefix_index, "policy": policy,
-            "decisions": decisions}
+            "decisions": decisions, "recent_errors": recent_errors}
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
 
 
 _BACKEND_FIELDS = ("placed", "consumed", "failed", "recomputed", "expired", "bytes", "fallbacks")
@@ -66,7 +78,7 @@ def render_table(status: dict) -> str:
         t = r["transfers"]
         counts = "control plane unreachable" if t is None else (
             f"total={t['total']} consumed={t['consumed']} failed={t['failed']} "
-            f"expired={t['expired']} in_flight={t['in_flight']}")
+            f"expired={t['expired']} in_flight={t['in_flight']} kv={_size(t['kv_bytes'])}")
         labels = ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items())) or "-"
         lines.append(f"{r['worker_id']:<20} {r['role']:<8} {r['address']:<22} {r['state']:<6} {r['model']:<24} "
                      f"{labels:<20} {counts}")
@@ -93,5 +105,13 @@ def render_table(status: dict) -> str:
     if status["kv_backends"]:
         lines += ["", f"{'KV BACKEND':<12} " + " ".join(f"{field.upper():>11}" for field in _BACKEND_FIELDS)]
         for name, counts in status["kv_backends"].items():
-            lines.append(f"{name:<12} " + " ".join(f"{counts[field]:>11}" for field in _BACKEND_FIELDS))
+            lines.append(f"{name:<12} " + " ".join(
+                f"{_size(counts[field]) if field == 'bytes' else counts[field]:>11}" for field in _BACKEND_FIELDS))
+    errors = status.get("recent_errors")
+    if errors:
+        lines += ["", "RECENT ERRORS (newest first)"]
+        for e in errors[:10]:
+            when = time.strftime("%H:%M:%S", time.localtime(e["unix_s"]))
+            where = " ".join(filter(None, (e["worker_id"], e["transfer_id"][:8])))
+            lines.append(f"{when} {e['kind']:<16} {where:<30} {e['detail']}")
     return "\n".join(lines)

@@ -2,14 +2,17 @@
 
 The exporter follows the standard ``OTEL_TRACES_EXPORTER`` variable:
 ``none`` (default), ``console`` or ``otlp`` (endpoint from the usual
-``OTEL_EXPORTER_OTLP_*`` variables). Spans are created even without an
-exporter, so trace ids exist and propagate to every hop and every log line.
+``OTEL_EXPORTER_OTLP_*`` variables, batching from ``OTEL_BSP_*``). Spans
+are created even without an exporter, so trace ids exist and propagate to
+every hop and every log line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import random
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 import grpc
@@ -18,16 +21,28 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.sdk.trace.id_generator import IdGenerator
 
 _configured = False
 
 
-def setup_tracing(service: str) -> None:
-    global _configured
-    if _configured:
-        return
-    _configured = True
-    provider = TracerProvider(resource=Resource.create({"service.name": f"baton-{service}"}))
+class _SystemRandomIds(IdGenerator):
+    """Span and trace ids from the OS's randomness. The SDK's default draws
+    from ``random``, which vLLM seeds alike in every engine (the model's
+    seed): two engines then made the same span ids."""
+
+    _random = random.SystemRandom()
+
+    def generate_span_id(self) -> int:
+        return self._random.getrandbits(64) or 1
+
+    def generate_trace_id(self) -> int:
+        return self._random.getrandbits(128) or 1
+
+
+def _provider(service: str) -> TracerProvider:
+    provider = TracerProvider(resource=Resource.create({"service.name": f"baton-{service}"}),
+                              id_generator=_SystemRandomIds())
     exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
     if exporter_name == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
@@ -37,7 +52,56 @@ def setup_tracing(service: str) -> None:
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     elif exporter_name not in ("none", ""):
         raise ValueError(f"OTEL_TRACES_EXPORTER={exporter_name!r}: use none, console or otlp")
-    trace.set_tracer_provider(provider)
+    return provider
+
+
+def setup_tracing(service: str) -> None:
+    global _configured
+    if _configured:
+        return
+    _configured = True
+    trace.set_tracer_provider(_provider(service))
+
+
+_engine_providers: dict[int, TracerProvider] = {}
+
+
+def engine_tracer(service: str, name: str) -> trace.Tracer:
+    """A tracer for code inside a vLLM engine's processes (the KV
+    connector). They are forked from a worker whose global provider, and
+    its exporter thread, do not carry over usefully; each process gets a
+    provider of its own, under its own service name."""
+    provider = _engine_providers.get(os.getpid())
+    if provider is None:
+        provider = _engine_providers[os.getpid()] = _provider(service)
+    return provider.get_tracer(name)
+
+
+def flush_engine_tracing() -> None:
+    provider = _engine_providers.get(os.getpid())
+    if provider is not None:
+        provider.force_flush(timeout_millis=2_000)
+
+
+def context_of(traceparent: str) -> otel_context.Context | None:
+    """The remote parent a ``traceparent`` header names (None if empty)."""
+    return extract_context({"traceparent": traceparent}) if traceparent else None
+
+
+def wall_ns(monotonic_s: float) -> int:
+    """A ``time.monotonic()`` instant (any process on this host: vLLM's
+    engine timestamps are monotonic) as span time, ns since the epoch."""
+    return time.time_ns() - int((time.monotonic() - monotonic_s) * 1e9)
+
+
+def record_span(tracer_: trace.Tracer, name: str, start_s: float, end_s: float,
+                attributes: dict | None = None) -> None:
+    """A child of the current span for an interval already over (monotonic
+    seconds), such as an engine's queue wait."""
+    if start_s <= 0 or end_s < start_s:
+        return
+    span = tracer_.start_span(name, start_time=wall_ns(start_s), attributes=attributes)
+    span.end(end_time=wall_ns(end_s))
 
 
 def tracer(name: str) -> trace.Tracer:
@@ -64,8 +128,10 @@ async def traced_stream(
     stream: AsyncIterator,
     span: trace.Span,
     parent: otel_context.Context | None = None,
+    not_errors: tuple[type[BaseException], ...] = (),
 ) -> AsyncIterator:
-    """Iterate ``stream`` with ``span`` current, ending the span at the end.
+    """Iterate ``stream`` with ``span`` current, ending the span at the end
+    (an exception ends it in error unless one of ``not_errors``).
 
     The span's context is attached around each step rather than across
     yields: a stream may be closed from another context (client gone,
@@ -79,6 +145,9 @@ async def traced_stream(
                 item = await anext(stream)
             except StopAsyncIteration:
                 return
+            except not_errors as exc:
+                span.add_event(str(exc))
+                raise
             except BaseException as exc:
                 span.record_exception(exc)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))

@@ -16,6 +16,7 @@ from pathlib import Path
 from baton.config import Settings, advertised
 from baton.engine import Engine, EngineOptions
 from baton.logs import get_logger, setup_logging
+from baton.metrics_server import serve_metrics
 from baton.model_store import resolve_model
 from baton.registry import Registration, WorkerRecord, parse_labels
 from baton.rpc import ServiceBinding, start_server
@@ -90,13 +91,17 @@ async def run_worker(
     ))
     bindings = make_bindings(engine)
     server, port, health = await start_server(f"{role}-worker", bindings, settings.host, settings.grpc_port)
+    # The engine's vllm:* metrics (vLLM's Prometheus stat logger runs in
+    # this process) and the worker's own.
+    metrics_port = serve_metrics(settings.host, settings.metrics_port)
     kv_endpoints = read_endpoints(str(endpoint_file))
     # A consumer engine hosts KVTransfer (its inbox) at its grpc endpoint.
     kv_address = kv_endpoints.get("grpc", "")
     record = WorkerRecord(worker_id=worker_id, role=role, address=advertised(settings, port),
                           model=name, kv_address=kv_address, kv_endpoints=kv_endpoints,
                           labels=labels, block_size=engine.block_size, kv_cache_blocks=engine.num_blocks,
-                          kv_events=settings.kv_events, pid=os.getpid(), instance=instance)
+                          kv_events=settings.kv_events, pid=os.getpid(), instance=instance,
+                          metrics_address=advertised(settings, metrics_port))
     reporter = WorkerReporter(worker_id, settings.control_plane_address, events_endpoint, engine.load)
     reporter.start()
     registration = Registration(settings.etcd_endpoint, settings.etcd_prefix, record, settings.lease_ttl_s)

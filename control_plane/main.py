@@ -7,11 +7,13 @@ import contextlib
 
 from baton.config import Settings
 from baton.logs import get_logger, setup_logging
+from baton.metrics_server import serve_metrics
 from baton.registry import ROLES, RegistryWatcher
 from baton.rpc import ServiceBinding, start_server
 from baton.telemetry import setup_tracing
 from baton.v1 import control_plane_pb2_grpc
 from baton.worker import wait_for_signal
+from control_plane.metrics import control_plane_registry
 from control_plane.scheduling import make_scheduler
 from control_plane.scheduling.disaggregation import Disaggregation
 from control_plane.service import SERVICE_NAME, ControlPlaneServicer
@@ -33,9 +35,11 @@ async def serve(settings: Settings) -> None:
         "control-plane",
         [ServiceBinding(SERVICE_NAME, control_plane_pb2_grpc.add_ControlPlaneServicer_to_server, servicer)],
         settings.host, port)
+    metrics_port = serve_metrics(settings.host, settings.metrics_port, control_plane_registry(servicer))
     expiry = asyncio.create_task(servicer.run_expiry(), name="transfer-expiry")
     probes = asyncio.create_task(servicer.suspects.run(), name="suspect-probes")
-    log.info("control plane serving", port=bound, policy=settings.policy, kv_backend=settings.kv_backend,
+    log.info("control plane serving", port=bound, metrics_port=metrics_port, policy=settings.policy,
+             kv_backend=settings.kv_backend,
              disaggregation=settings.disaggregation)
     try:
         await wait_for_signal()

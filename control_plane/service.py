@@ -8,12 +8,14 @@ import time
 from collections import Counter
 
 import grpc
+from opentelemetry import trace
 
 from baton.logs import bind_request, get_logger
 from baton.registry import RegistryWatcher, WorkerRecord
 from baton.v1 import common_pb2, control_plane_pb2, control_plane_pb2_grpc
 from control_plane.kv_backend import choose_backend
 from control_plane.prefix_index import Cleared, PrefixIndex, Removed, Stored, block_keys
+from control_plane.recent_errors import RecentErrors
 from control_plane.scheduling import Candidate, EngineReport, NoWorker, Scheduler, SchedulingRequest
 from control_plane.scheduling.disaggregation import DISAGGREGATED, MOVED, REQUESTED, Disaggregation
 from control_plane.suspects import Suspects
@@ -76,6 +78,7 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
         self._engines: dict[str, EngineReport] = {}
         self._engine_reports: dict[str, control_plane_pb2.EngineLoad] = {}
         self.suspects = suspects if suspects is not None else Suspects()
+        self.recent_errors = RecentErrors()
         self._instances: dict[str, str] = {}  # worker id → the process instance registered under it
         registry.on_change(self._worker_changed)
 
@@ -99,10 +102,28 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
             # requests.
             failed = self._transfers.fail_worker(worker_id)
             self._forget(worker_id)
+            self.recent_errors.add("restarted", worker_id, detail=f"came back as another process; "
+                                   f"{len(failed)} of its transfers failed")
             log.warning("worker restarted; its predecessor's transfers failed", worker_id=worker_id,
                         instance=record.instance, failed_transfers=len(failed))
         self._prefixes.track(worker_id, events=record.kv_events, block_size=record.block_size,
                              capacity_blocks=record.kv_cache_blocks)
+
+    @property
+    def policy(self) -> str:
+        return self._policy
+
+    @property
+    def decisions(self) -> Counter:
+        return self._decisions
+
+    @property
+    def transfers(self) -> TransferTable:
+        return self._transfers
+
+    def worker_states(self) -> list[tuple[str, str, str]]:
+        """(role, state, model) of each registered worker."""
+        return [(w.role, self._state(w), w.model) for w in self._registry.workers.values()]
 
     def _state(self, worker: WorkerRecord) -> str:
         """Its registry state, unless a request just failed on it."""
@@ -142,6 +163,7 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
             worker = self._registry.workers.get(worker_id)
             if worker is not None:
                 self.suspects.mark(worker_id, worker.address, f"request {request.request_id} failed on it")
+                self.recent_errors.add("suspect", worker_id, detail=f"request {request.request_id} failed on it")
         # A running request leaving a draining decode worker with its KV:
         # that worker is the KV's source, where a prefill worker would be.
         move_source = self._registry.workers.get(request.move_from) if request.move_from else None
@@ -198,6 +220,12 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
                  decision=decision, prefill_cached_tokens=prefill_pick.cached_tokens if prefill_pick else 0,
                  decode_cached_tokens=decode_pick.cached_tokens,
                  queued_prefill_tokens=prefill_pick.queued_prefill_tokens if prefill_pick else 0)
+        trace.get_current_span().set_attributes({
+            "baton.policy": self._policy, "baton.decision": decision, "baton.kv_backend": backend,
+            "baton.prefill_worker": prefill.worker_id if prefill else "", "baton.decode_worker": decode.worker_id,
+            "baton.transfer_id": transfer.transfer_id, "baton.prompt_tokens": prompt_tokens,
+            "baton.prefill_cached_tokens": prefill_pick.cached_tokens if prefill_pick else 0,
+            "baton.decode_cached_tokens": decode_pick.cached_tokens})
         placement = control_plane_pb2.Placement(
             decode=control_plane_pb2.WorkerEndpoint(worker_id=decode.worker_id, address=decode.address,
                                                     kv_address=decode.kv_address,
@@ -248,6 +276,9 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
         closed = self._transfers.close(request.transfer_id, state, request.bytes, request.tokens, recomputed)
         if closed is None:
             return control_plane_pb2.TransferReportAck(state="unknown")
+        if recomputed or state == TransferState.FAILED:
+            self.recent_errors.add("recomputed" if recomputed else "transfer-failed", closed.decode_id,
+                                   request.transfer_id, request.detail)
         if recomputed:
             log.warning("KV not loaded; the decode worker recomputed the prompt", transfer_id=request.transfer_id,
                         backend=closed.backend, decode=closed.decode_id, detail=request.detail,
@@ -267,6 +298,7 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
                 in_flight=self._transfers.in_flight(worker.worker_id),
                 transfers_total=counts.get("total", 0), transfers_consumed=counts.get("consumed", 0),
                 transfers_failed=counts.get("failed", 0), transfers_expired=counts.get("expired", 0),
+                kv_bytes=counts.get("bytes", 0),
                 prefix_source=self._prefixes.source(worker.worker_id),
                 cached_blocks=self._prefixes.cached_blocks(worker.worker_id),
                 queued_prefill_tokens=self._transfers.queued_prefill_tokens(worker.worker_id),
@@ -283,6 +315,9 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
             reported=prefix["reported"]))
         response.policy = self._policy
         response.decisions.update(self._decisions)
+        response.recent_errors.extend(control_plane_pb2.RecentError(
+            unix_s=e.unix_s, kind=e.kind, worker_id=e.worker_id, transfer_id=e.transfer_id, detail=e.detail)
+            for e in self.recent_errors.newest_first())
         return response
 
     async def run_expiry(self, interval_s: float = 1.0) -> None:
@@ -290,3 +325,5 @@ class ControlPlaneServicer(control_plane_pb2_grpc.ControlPlaneServicer):
             await asyncio.sleep(interval_s)
             for transfer in self._transfers.expire(time.monotonic()):
                 log.warning("transfer expired", transfer_id=transfer.transfer_id, request_id=transfer.request_id)
+                self.recent_errors.add("expired", transfer.decode_id, transfer.transfer_id,
+                                       f"request {transfer.request_id}: no report back")

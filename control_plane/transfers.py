@@ -48,7 +48,7 @@ class TransferTable:
     def __init__(self, ttl_s: float):
         self.ttl_s = ttl_s
         self._open: dict[str, Transfer] = {}
-        # per worker id: "total", "consumed", "failed", "expired"
+        # per worker id: "total", the states, "bytes" moved
         self.counters: dict[str, Counter] = {}
         # per backend: "placed", "fallbacks", the states, "recomputed", "bytes"
         self.by_backend: dict[str, Counter] = {}
@@ -112,7 +112,9 @@ class TransferTable:
         decode["decoding"] -= 1
         decode["decode_tokens"] -= transfer.decode_tokens
         for worker in filter(None, (transfer.prefill_id, transfer.decode_id)):
-            self.counters.setdefault(worker, Counter())[state.value] += 1
+            counts = self.counters.setdefault(worker, Counter())
+            counts[state.value] += 1
+            counts["bytes"] += nbytes
         if transfer.backend:
             counts = self.by_backend.setdefault(transfer.backend, Counter())
             counts[state.value] += 1

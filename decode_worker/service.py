@@ -14,8 +14,11 @@ import grpc
 
 from baton import sampling
 from baton.engine import ENGINE_DEAD, Engine, generated_tokens, is_engine_dead, is_input_error
+from baton.engine_timeline import trace_decode
 from baton.logs import bind_request, get_logger
+from baton.telemetry import inject_headers
 from baton.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from decode_worker.metrics import record_load
 from kv_transfer.handoff import HandOffNote, until_sent, write_note
 from kv_transfer.params import ConsumerParams, LoadReport, parse
 from kv_transfer.transport import FALLBACK_BACKEND
@@ -87,7 +90,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
         # computes that one, as after a prefill's first token.
         tokens = running.engine_prompt_tokens + running.streamed - 1
         write_note(self._handoff_dir, request.request_id,
-                   HandOffNote(request.transfer_id, request.kv_target, request.kv_backend, tokens))
+                   HandOffNote(request.transfer_id, request.kv_target, request.kv_backend, tokens,
+                               inject_headers().get("traceparent", "")))
         running.handed.set()  # its Decode aborts the engine request; the engine sends the KV as it goes
         log.info("handing off", transfer_id=request.transfer_id, backend=request.kv_backend, tokens=tokens)
         # Said only once the KV is on its way, so that the receiver's wait
@@ -112,7 +116,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
             # the connector loads all of it; without, all but the last
             # position, which this engine computes to sample that token.
             kv_params = ConsumerParams(request.transfer_id, len(request.prompt_token_ids), backend,
-                                       request.kv_source).to_dict()
+                                       request.kv_source, inject_headers().get("traceparent", "")).to_dict()
         report: LoadReport | None = None
         produced = 0
         running = _Running(len(prompt), leaving=self._handing_off)
@@ -155,6 +159,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
                         parsed = parse(output.kv_transfer_params)
                         report = parsed if isinstance(parsed, LoadReport) else None
                         message.kv.CopyFrom(self._load_stats(request.transfer_id, backend, report))
+                        trace_decode(output.metrics, produced, completion.finish_reason or "")
                     yield message
         except (asyncio.CancelledError, GeneratorExit):
             # The caller went away; closing the engine stream aborts its request.
@@ -177,6 +182,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
     def _load_stats(self, transfer_id: str, backend: str, report: LoadReport | None) -> common_pb2.KVLoadStats:
         if not transfer_id or report is None:
             return common_pb2.KVLoadStats()
+        record_load(backend, report)
         return common_pb2.KVLoadStats(
             transfer_id=transfer_id,
             external_tokens=report.external_tokens,

@@ -26,6 +26,7 @@ class HandOffNote:
     kv_target: str  # the receiving engine's endpoint on ``backend``
     backend: str
     num_tokens: int  # the request's first tokens whose KV moves
+    traceparent: str = ""  # the HandOff call's: the send joins the request's trace
 
 
 def _path(directory: Path, request_id: str) -> Path:

@@ -35,10 +35,11 @@ class ConsumerParams:
     remote_tokens: int
     backend: str = FALLBACK_BACKEND
     source: str = ""  # the prefill engine's endpoint for ``backend`` (pull backends)
+    traceparent: str = ""  # the decode call's: the engine's load joins the request's trace
 
     def to_dict(self) -> dict[str, Any]:
         return {_KEY: {"role": "consumer", "transfer_id": self.transfer_id, "remote_tokens": self.remote_tokens,
-                       "backend": self.backend, "source": self.source}}
+                       "backend": self.backend, "source": self.source, "traceparent": self.traceparent}}
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,12 @@ class LoadReport:
     external_tokens: int  # prompt tokens the scheduler took from the transfer
     failed: bool  # the load failed and the prompt was recomputed
     bytes: int = 0  # KV bytes the load moved (a restored block included)
+    seconds: float = 0.0  # from the load's start (waiting for the bytes included) until they were in the cache
 
     def to_dict(self) -> dict[str, Any]:
         return {_KEY: {"role": "load_report", "transfer_id": self.transfer_id,
-                       "external_tokens": self.external_tokens, "failed": self.failed, "bytes": self.bytes}}
+                       "external_tokens": self.external_tokens, "failed": self.failed, "bytes": self.bytes,
+                       "seconds": self.seconds}}
 
 
 def parse(params: dict[str, Any] | None) -> ProducerParams | ConsumerParams | LoadReport | None:
@@ -65,8 +68,8 @@ def parse(params: dict[str, Any] | None) -> ProducerParams | ConsumerParams | Lo
                               str(body.get("backend", FALLBACK_BACKEND)))
     if role == "consumer":
         return ConsumerParams(str(body["transfer_id"]), int(body["remote_tokens"]), str(body.get("backend", FALLBACK_BACKEND)),
-                              str(body.get("source", "")))
+                              str(body.get("source", "")), str(body.get("traceparent", "")))
     if role == "load_report":
         return LoadReport(str(body["transfer_id"]), int(body["external_tokens"]), bool(body["failed"]),
-                          int(body.get("bytes", 0)))
+                          int(body.get("bytes", 0)), float(body.get("seconds", 0.0)))
     return None

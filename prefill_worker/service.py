@@ -9,6 +9,7 @@ import grpc
 
 from baton import sampling
 from baton.engine import ENGINE_DEAD, Engine, generated_tokens, is_engine_dead, is_input_error
+from baton.engine_timeline import trace_prefill
 from baton.logs import bind_request, get_logger
 from baton.telemetry import inject_headers
 from baton.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
@@ -56,6 +57,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
             first.finish_reason = common_pb2.FINISH_REASON_UNSPECIFIED
         log.info("prefill done", prompt_tokens=len(request.prompt_token_ids),
                  cached_tokens=final.num_cached_tokens or 0, transfer_id=request.transfer_id)
+        trace_prefill(final.metrics, len(request.prompt_token_ids), final.num_cached_tokens or 0)
         prompt_logprobs = []
         if wanted.prompt_logprobs is not None and final.prompt_logprobs:
             prompt_logprobs = sampling.prompt_logprob_rows(

@@ -32,6 +32,7 @@ async def serve(settings: Settings) -> None:
     from router.engine_core import ClusterEngineCore
     from router.grpc_api import SERVICE_NAME, InferenceServicer
     from router.http_api import create_app
+    from router.http_entry import HttpEntry
     from router.metrics import Metrics
     from router.model_dispatch import ModelDispatch
     from router.pipeline import Pipeline
@@ -67,7 +68,8 @@ async def serve(settings: Settings) -> None:
                         InferenceServicer(engines, live_models, admission, time.monotonic))],
         settings.host, settings.router_grpc_port)
     app = ModelDispatch(apps, live_models)
-    http = uvicorn.Server(uvicorn.Config(AdmitGenerations(RequireLabels(app), admission, time.monotonic), host=settings.host, port=settings.http_port,
+    http = uvicorn.Server(uvicorn.Config(HttpEntry(AdmitGenerations(RequireLabels(app), admission, time.monotonic)),
+                                         host=settings.host, port=settings.http_port,
                                          log_level="warning", access_log=False, lifespan="off"))
     http.install_signal_handlers = lambda: None  # we own SIGINT/SIGTERM
     http_task = asyncio.create_task(http.serve(), name="http")

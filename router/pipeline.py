@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import grpc
+from opentelemetry import trace
 
 from baton import sampling
 from baton.errors import (
@@ -52,7 +53,7 @@ from baton.v1 import (
 )
 from control_plane.scheduling import Candidate, NoWorker, SchedulingRequest, make_scheduler
 from kv_transfer.transport import FALLBACK_BACKEND, PULL_BACKENDS
-from router.metrics import Metrics
+from router.metrics import Metrics, arrived_s
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -98,6 +99,14 @@ def _left(request: EngineRequest) -> float:
 # another decode worker can take the answer over.
 _WORKER_FAILED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
                             grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+def _placement_attributes(placement: control_plane_pb2.Placement) -> dict:
+    return {"baton.prefill_worker": placement.prefill.worker_id, "baton.decode_worker": placement.decode.worker_id,
+            "baton.transfer_id": placement.transfer_id, "baton.kv_backend": placement.kv_backend,
+            "baton.decision": placement.decision or "local-fallback",
+            "baton.prefill_cached_tokens": placement.prefill_cached_tokens,
+            "baton.decode_cached_tokens": placement.decode_cached_tokens}
 
 
 class _DecodeWorkerFailed(Exception):
@@ -188,19 +197,25 @@ class Pipeline:
             move_from=move_from)
         if request.remote_prefill is not None:
             message.remote_prefill = request.remote_prefill
-        try:
-            return await self._control_plane.Schedule(message, timeout=min(5.0, _left(request)))
-        except grpc.aio.AioRpcError as exc:
-            # Down, or hung (no answer in 5 s): place over the last known
-            # membership. Anything else: reachable, but it said no.
-            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise from_rpc_error(exc, "control plane") from exc
-            _left(request)  # unless the request's own deadline is what passed
-            if move_from:  # the control plane coordinates every KV transfer
-                raise NoCapacityError("control plane unreachable: no hand-off with KV") from exc
-            log.warning("control plane unreachable; placing locally", error=exc.details())
-            self._metrics.local_placements.inc()
-            return self._fallback_placement(request, avoid)
+        with _tracer.start_as_current_span("schedule", kind=trace.SpanKind.CLIENT, attributes={
+                "baton.request_id": request.request_id, "baton.avoid_workers": list(avoid),
+                "baton.move_from": move_from}) as span:
+            try:
+                placement = await self._control_plane.Schedule(message, timeout=min(5.0, _left(request)))
+            except grpc.aio.AioRpcError as exc:
+                # Down, or hung (no answer in 5 s): place over the last known
+                # membership. Anything else: reachable, but it said no.
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise from_rpc_error(exc, "control plane") from exc
+                _left(request)  # unless the request's own deadline is what passed
+                if move_from:  # the control plane coordinates every KV transfer
+                    raise NoCapacityError("control plane unreachable: no hand-off with KV") from exc
+                log.warning("control plane unreachable; placing locally", error=exc.details())
+                span.add_event("control plane unreachable; placed by the router", {"error": exc.details() or ""})
+                self._metrics.local_placements.inc()
+                placement = self._fallback_placement(request, avoid)
+            span.set_attributes(_placement_attributes(placement))
+            return placement
 
     async def _schedule_shielded(self, request: EngineRequest, avoid: tuple[str, ...] = (),
                                  move_from: str = "") -> control_plane_pb2.Placement:
@@ -243,7 +258,40 @@ class Pipeline:
     def generate(self, request: EngineRequest) -> AsyncIterator[Step]:
         span = _tracer.start_span("router.generate", attributes={
             "baton.request_id": request.request_id, "baton.prompt_tokens": len(request.prompt_token_ids)})
-        return traced_stream(self._generate(request), span)
+        return traced_stream(self._measured(request, self._generate(request)), span)
+
+    async def _measured(self, request: EngineRequest, steps: AsyncIterator[Step]) -> AsyncIterator[Step]:
+        """``steps``, timed as the client sees them: to the first token, between
+        tokens, to the end; counted by how the request ended."""
+        metrics, model = self._metrics, self._model_name
+        arrived = last = arrived_s()
+        generated, status = 0, "server_error"
+        try:
+            async with contextlib.aclosing(steps):
+                async for step in steps:
+                    count = len(step.tokens.token_ids)
+                    if count:
+                        now = time.monotonic()
+                        if generated:
+                            gap = (now - last) / count
+                            for _ in range(count):
+                                metrics.itl.labels(model).observe(gap)
+                        else:
+                            metrics.ttft.labels(model).observe(now - arrived)
+                        last, generated = now, generated + count
+                    yield step
+            status = "ok"
+            metrics.e2e.labels(model).observe(time.monotonic() - arrived)
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "cancelled"
+            raise
+        except BatonError as exc:
+            status = "client_error" if 400 <= exc.http_status < 500 else "server_error"
+            raise
+        finally:
+            metrics.requests.labels(status, model).inc()
+            metrics.prompt_tokens.labels(model).inc(len(request.prompt_token_ids))
+            metrics.generation_tokens.labels(model).inc(generated)
 
     async def _generate(self, request: EngineRequest) -> AsyncIterator[Step]:
         started = time.monotonic()
@@ -275,11 +323,10 @@ class Pipeline:
                 self._free_staged(placement, pushed_id)
                 handed_to_decode = True
                 async with contextlib.aclosing(self._moving(
-                        request, placement, self._decode(request, placement, "", started, outcome), [], started)) as steps:
+                        request, placement, self._decode(request, placement, "", outcome), [])) as steps:
                     async for step in steps:
                         yield step
                 return
-            self._metrics.ttft.observe(time.monotonic() - started)
             # The prefill worker's share is done: its load ends now, not with the decode.
             self._in_background(self._control_plane.ReportPrefillDone(control_plane_pb2.PrefillDone(
                 transfer_id=placement.transfer_id, cached_tokens=first.cached_prompt_tokens), timeout=5))
@@ -297,20 +344,20 @@ class Pipeline:
             # Continuing after the first token spares the decode engine a
             # step (sampling it again) in the hand-off pause.
             if continues:
-                decoding = self._decode(request, placement, pushed_id, started, outcome, after_first=first_id)
+                decoding = self._decode(request, placement, pushed_id, outcome, after_first=first_id)
             else:
-                decoding = self._decode(request, placement, pushed_id, started, outcome, expect_first=first_id)
+                decoding = self._decode(request, placement, pushed_id, outcome, expect_first=first_id)
             produced = [first_id]
             try:
-                async with contextlib.aclosing(self._moving(request, placement, decoding, produced, started)) as steps:
+                async with contextlib.aclosing(self._moving(request, placement, decoding, produced)) as steps:
                     async for step in steps:
                         yield step
             except _FirstTokenMismatch:
                 self._metrics.first_token_mismatches.inc()
                 # The prompt's KV now sits in the decode worker's prefix cache.
                 resumed = dataclasses.replace(request, request_id=f"{request.request_id}-resumed")
-                decoding = self._decode(resumed, placement, "", started, outcome, after_first=first_id)
-                async with contextlib.aclosing(self._moving(request, placement, decoding, [first_id], started)) as steps:
+                decoding = self._decode(resumed, placement, "", outcome, after_first=first_id)
+                async with contextlib.aclosing(self._moving(request, placement, decoding, [first_id])) as steps:
                     async for step in steps:
                         yield step
             log.info("request finished", prefill=placement.prefill.worker_id,
@@ -345,7 +392,7 @@ class Pipeline:
                          detail="decode ended before reporting its KV load (stop string, client gone or error)")
 
     async def _moving(self, request: EngineRequest, placement: control_plane_pb2.Placement,
-                      decoding: AsyncIterator[Step], produced: list[int], started: float) -> AsyncIterator[Step]:
+                      decoding: AsyncIterator[Step], produced: list[int]) -> AsyncIterator[Step]:
         """``decoding``'s steps; when its decode worker fails mid-answer, the
         request moves to another decode worker, which prefills the prompt
         and the tokens already streamed (``produced``, those before
@@ -368,7 +415,7 @@ class Pipeline:
                     try:
                         if move == self._decode_moves or left < 1:
                             raise NoCapacityError(str(leaving)) from None
-                        handing = await self._hand_off(request, leaving, produced, left, move + 1, started)
+                        handing = await self._hand_off(request, leaving, produced, left, move + 1)
                     finally:
                         if handing is None:
                             leaving.call.cancel()  # the draining worker lets the request go
@@ -394,7 +441,7 @@ class Pipeline:
                                             remote_prefill=False)
                 placement = await self._schedule_shielded(moved, avoid=(placement.decode.worker_id,))
                 moved_to.append(placement.transfer_id)
-                decoding = self._decode(moved, placement, "", started, common_pb2.KVLoadStats(),
+                decoding = self._decode(moved, placement, "", common_pb2.KVLoadStats(),
                                         continued=bool(produced))
         finally:
             for transfer_id in moved_to:
@@ -404,7 +451,7 @@ class Pipeline:
                 self._report_load(transfer_id, outcome)
 
     async def _hand_off(self, request: EngineRequest, leaving: _HandingOff, produced: list[int], left: int,
-                        number: int, started: float
+                        number: int
                         ) -> tuple[control_plane_pb2.Placement, AsyncIterator[Step], common_pb2.KVLoadStats] | None:
         """The answer continues on another decode worker with its KV, sent
         on from the draining one: placed by the control plane, handed off
@@ -446,7 +493,7 @@ class Pipeline:
         log.info("answer handed off with its KV", source=source.worker_id, decode=placement.decode.worker_id,
                  transfer_id=placement.transfer_id, kv_backend=placement.kv_backend, tokens=handed.tokens)
         outcome = common_pb2.KVLoadStats()
-        decoding = self._decode(moved, placement, placement.transfer_id, started, outcome,
+        decoding = self._decode(moved, placement, placement.transfer_id, outcome,
                                 after_first=produced[-1], continued=True)
         return placement, decoding, outcome
 
@@ -454,22 +501,35 @@ class Pipeline:
                        transfer_id: str) -> prefill_pb2.PrefillResponse | None:
         """The first token, or None when the prefill worker is unreachable."""
         prefill = prefill_pb2_grpc.PrefillWorkerStub(self._channels.get(placement.prefill.address))
-        try:
-            return await prefill.Prefill(prefill_pb2.PrefillRequest(
-                request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
-                sampling=sampling.encode(request.params), transfer_id=transfer_id,
-                kv_target=placement.decode.kv_endpoint if transfer_id else "",
-                kv_backend=placement.kv_backend if transfer_id else ""), timeout=_left(request))
-        except grpc.aio.AioRpcError as exc:
-            error = from_rpc_error(exc, f"prefill worker {placement.prefill.worker_id}")
-            if not isinstance(error, RetryableError):
-                raise error from exc
-            log.warning("prefill failed", prefill=placement.prefill.worker_id, error=error.message)
-            return None
+        with _tracer.start_as_current_span("prefill", kind=trace.SpanKind.CLIENT, attributes={
+                "baton.worker_id": placement.prefill.worker_id, "baton.transfer_id": transfer_id}) as span:
+            try:
+                return await prefill.Prefill(prefill_pb2.PrefillRequest(
+                    request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+                    sampling=sampling.encode(request.params), transfer_id=transfer_id,
+                    kv_target=placement.decode.kv_endpoint if transfer_id else "",
+                    kv_backend=placement.kv_backend if transfer_id else ""), timeout=_left(request))
+            except grpc.aio.AioRpcError as exc:
+                error = from_rpc_error(exc, f"prefill worker {placement.prefill.worker_id}")
+                if not isinstance(error, RetryableError):
+                    raise error from exc
+                log.warning("prefill failed", prefill=placement.prefill.worker_id, error=error.message)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, f"worker failed; placed again: {error.message}"))
+                return None
 
-    async def _decode(self, request: EngineRequest, placement: control_plane_pb2.Placement, transfer_id: str,
-                      started: float, outcome: common_pb2.KVLoadStats, *, expect_first: int | None = None,
-                      after_first: int | None = None, continued: bool = False) -> AsyncIterator[Step]:
+    def _decode(self, request: EngineRequest, placement: control_plane_pb2.Placement, transfer_id: str,
+                outcome: common_pb2.KVLoadStats, *, expect_first: int | None = None,
+                after_first: int | None = None, continued: bool = False) -> AsyncIterator[Step]:
+        span = _tracer.start_span("decode", kind=trace.SpanKind.CLIENT, attributes={
+            "baton.request_id": request.request_id, "baton.worker_id": placement.decode.worker_id,
+            "baton.transfer_id": transfer_id, "baton.continued": continued})
+        return traced_stream(self._decode_steps(request, placement, transfer_id, outcome,
+                                                expect_first=expect_first, after_first=after_first,
+                                                continued=continued), span, not_errors=(_HandingOff,))
+
+    async def _decode_steps(self, request: EngineRequest, placement: control_plane_pb2.Placement, transfer_id: str,
+                            outcome: common_pb2.KVLoadStats, *, expect_first: int | None = None,
+                            after_first: int | None = None, continued: bool = False) -> AsyncIterator[Step]:
         """Decode the answer; ``outcome`` gets the decode's KV load stats.
         ``expect_first``: the token prefill streamed, to be sampled again and
         checked, not repeated. ``after_first``: continue after that token.
@@ -488,7 +548,6 @@ class Pipeline:
             message.first_token_id = after_first
         message.sampling.CopyFrom(sampling.encode(params))
         decode = decode_pb2_grpc.DecodeWorkerStub(self._channels.get(placement.decode.address))
-        ttft_pending = not continued and expect_first is None and after_first is None  # local prefill
         finished = handing_off = False
         call = decode.Decode(message, timeout=_left(request))
         try:
@@ -506,9 +565,6 @@ class Pipeline:
                     if tokens.logprobs:
                         del tokens.logprobs[0]
                     expect_first = None
-                if ttft_pending and tokens.token_ids:
-                    ttft_pending = False
-                    self._metrics.ttft.observe(time.monotonic() - started)
                 if item.HasField("kv"):
                     outcome.CopyFrom(item.kv)
                 finished = tokens.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED

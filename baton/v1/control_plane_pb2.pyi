@@ -177,7 +177,7 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "kv_address", "model", "state", "in_flight", "transfers_total", "transfers_consumed", "transfers_failed", "transfers_expired", "prefix_source", "cached_blocks", "queued_prefill_tokens", "running", "engine")
+    __slots__ = ("worker_id", "role", "address", "kv_address", "model", "state", "in_flight", "transfers_total", "transfers_consumed", "transfers_failed", "transfers_expired", "prefix_source", "cached_blocks", "queued_prefill_tokens", "running", "engine", "kv_bytes")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +194,7 @@ class WorkerStatus(_message.Message):
     QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: _common_pb2.WorkerRole
     address: str
@@ -210,7 +211,8 @@ class WorkerStatus(_message.Message):
     queued_prefill_tokens: int
     running: int
     engine: EngineLoad
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., address: _Optional[str] = ..., kv_address: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., in_flight: _Optional[int] = ..., transfers_total: _Optional[int] = ..., transfers_consumed: _Optional[int] = ..., transfers_failed: _Optional[int] = ..., transfers_expired: _Optional[int] = ..., prefix_source: _Optional[str] = ..., cached_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., running: _Optional[int] = ..., engine: _Optional[_Union[EngineLoad, _Mapping]] = ...) -> None: ...
+    kv_bytes: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., address: _Optional[str] = ..., kv_address: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., in_flight: _Optional[int] = ..., transfers_total: _Optional[int] = ..., transfers_consumed: _Optional[int] = ..., transfers_failed: _Optional[int] = ..., transfers_expired: _Optional[int] = ..., prefix_source: _Optional[str] = ..., cached_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., running: _Optional[int] = ..., engine: _Optional[_Union[EngineLoad, _Mapping]] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
 
 class KVBackendStatus(_message.Message):
     __slots__ = ("backend", "placed", "consumed", "failed", "recomputed", "expired", "bytes", "fallbacks")
@@ -245,7 +247,7 @@ class PrefixIndexStatus(_message.Message):
     def __init__(self, predicted_tokens: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., exact: _Optional[int] = ..., reported: _Optional[int] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
-    __slots__ = ("workers", "kv_backends", "prefix_index", "policy", "decisions")
+    __slots__ = ("workers", "kv_backends", "prefix_index", "policy", "decisions", "recent_errors")
     class DecisionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -258,9 +260,25 @@ class ListWorkersResponse(_message.Message):
     PREFIX_INDEX_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_ERRORS_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     kv_backends: _containers.RepeatedCompositeFieldContainer[KVBackendStatus]
     prefix_index: PrefixIndexStatus
     policy: str
     decisions: _containers.ScalarMap[str, int]
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., kv_backends: _Optional[_Iterable[_Union[KVBackendStatus, _Mapping]]] = ..., prefix_index: _Optional[_Union[PrefixIndexStatus, _Mapping]] = ..., policy: _Optional[str] = ..., decisions: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    recent_errors: _containers.RepeatedCompositeFieldContainer[RecentError]
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., kv_backends: _Optional[_Iterable[_Union[KVBackendStatus, _Mapping]]] = ..., prefix_index: _Optional[_Union[PrefixIndexStatus, _Mapping]] = ..., policy: _Optional[str] = ..., decisions: _Optional[_Mapping[str, int]] = ..., recent_errors: _Optional[_Iterable[_Union[RecentError, _Mapping]]] = ...) -> None: ...
+
+class RecentError(_message.Message):
+    __slots__ = ("unix_s", "kind", "worker_id", "transfer_id", "detail")
+    UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    unix_s: float
+    kind: str
+    worker_id: str
+    transfer_id: str
+    detail: str
+    def __init__(self, unix_s: _Optional[float] = ..., kind: _Optional[str] = ..., worker_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...

@@ -29,6 +29,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from baton.logs import ensure_logging
 from kv_transfer.connector.metadata import BatonConnectorMetadata, BatonWorkerMetadata
 from kv_transfer.connector.scheduler_side import BatonSchedulerSide
+from kv_transfer.connector.transfer_spans import TransferSpans
 from kv_transfer.connector.worker_side import BatonWorkerSide
 from kv_transfer.transport.base import SINGLE_RANK, ParallelRank, per_rank
 
@@ -163,7 +164,9 @@ class BatonConnector(KVConnectorBase_V1):
             return
         self._worker_side = BatonWorkerSide(_model_signature(vllm_config), block_size, kv_cache_config.num_blocks,
                                             _make_backends(options, transfer.is_kv_consumer),
-                                            _cpu_attention_isa(vllm_config), options.handoff_dir)
+                                            _cpu_attention_isa(vllm_config), options.handoff_dir,
+                                            TransferSpans("decode-engine" if transfer.is_kv_consumer
+                                                          else "prefill-engine"))
 
     @property
     def _worker(self) -> BatonWorkerSide:

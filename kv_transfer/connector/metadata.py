@@ -38,6 +38,7 @@ class LoadSpec:
     keep_block: int = -1  # request block to keep for a RestoreSpec, or -1
     backend: str = FALLBACK_BACKEND
     source: str = ""  # the producer's endpoint for ``backend`` (pull backends)
+    traceparent: str = ""
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,15 @@ class BatonConnectorMetadata(KVConnectorMetadata):
 class BatonWorkerMetadata(KVConnectorWorkerMetadata):
     """Worker side → scheduler side, each step: the KV bytes each finished
     load moved, by request (summed over the engine's ranks, which each load
-    their shard)."""
+    their shard), and how long it took."""
 
     loaded_bytes: dict[str, int] = field(default_factory=dict)
+    load_seconds: dict[str, float] = field(default_factory=dict)  # the slowest rank's
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> BatonWorkerMetadata:
         if isinstance(other, BatonWorkerMetadata):
             for req_id, nbytes in other.loaded_bytes.items():
                 self.loaded_bytes[req_id] = self.loaded_bytes.get(req_id, 0) + nbytes
+            for req_id, seconds in other.load_seconds.items():
+                self.load_seconds[req_id] = max(self.load_seconds.get(req_id, 0.0), seconds)
         return self

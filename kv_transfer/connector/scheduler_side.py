@@ -45,6 +45,7 @@ class BatonSchedulerSide:
         self._loads: list[LoadSpec] = []  # consumer loads for the next step
         self._loading: dict[str, int] = {}  # req_id → external tokens
         self._loaded_bytes: dict[str, int] = {}  # req_id → bytes its load moved, as the workers reported
+        self._load_seconds: dict[str, float] = {}  # req_id → how long its load took
         self._claimed: set[str] = set()  # consumer requests whose transfer was claimed
         self._failed: set[str] = set()
         self._restores: dict[str, int] = {}  # req_id → request block to restore once loaded
@@ -85,7 +86,7 @@ class BatonSchedulerSide:
                 self._restores[request.request_id] = keep_block
             self._loads.append(LoadSpec(request.request_id, params.transfer_id, tuple(block_ids),
                                         first_block, params.remote_tokens, keep_block, params.backend,
-                                        params.source))
+                                        params.source, params.traceparent))
             self._loading[request.request_id] = num_external_tokens
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> BatonConnectorMetadata:
@@ -137,6 +138,7 @@ class BatonSchedulerSide:
             for req_id, nbytes in reported.loaded_bytes.items():
                 if req_id in self._loading:
                     self._loaded_bytes[req_id] = self._loaded_bytes.get(req_id, 0) + nbytes
+                    self._load_seconds[req_id] = reported.load_seconds.get(req_id, 0.0)
         for req_id in getattr(connector_output, "finished_recving", None) or ():
             if req_id in self._restores and req_id not in self._failed:
                 self._armed.add(req_id)
@@ -163,7 +165,7 @@ class BatonSchedulerSide:
                         tokens=note.num_tokens, computed=request.num_computed_tokens)
             return False
         self._moves.append(SaveSpec(request.request_id, note.transfer_id, note.kv_target, tuple(block_ids[:blocks]),
-                                    note.num_tokens, "", note.backend))
+                                    note.num_tokens, note.traceparent, note.backend))
         if note.backend not in PULL_BACKENDS:
             return False  # copied out next step, before any forward can reuse the blocks
         self._held.add(request.request_id)
@@ -195,7 +197,9 @@ class BatonSchedulerSide:
             return False, None
         external = self._loading.pop(req_id, 0)
         nbytes = self._loaded_bytes.pop(req_id, 0)
+        seconds = self._load_seconds.pop(req_id, 0.0)
         failed = req_id in self._failed
         self._failed.discard(req_id)
-        report = LoadReport(params.transfer_id, 0 if failed else external, failed, 0 if failed else nbytes)
+        report = LoadReport(params.transfer_id, 0 if failed else external, failed, 0 if failed else nbytes,
+                            0.0 if failed else seconds)
         return False, report.to_dict()

@@ -30,6 +30,7 @@ from kv_transfer.connector.metadata import (
     LoadSpec,
     SaveSpec,
 )
+from kv_transfer.connector.transfer_spans import TransferSpans
 from kv_transfer.handoff import mark_sent
 from kv_transfer.transport.base import (
     SINGLE_RANK,
@@ -45,8 +46,9 @@ log = get_logger(__name__)
 
 class BatonWorkerSide:
     def __init__(self, layout_signature: str, block_size: int, num_blocks: int, backends: dict[str, KVBackend],
-                 cpu_attention_isa: str = "", handoff_dir: str = ""):
+                 cpu_attention_isa: str = "", handoff_dir: str = "", spans: TransferSpans | None = None):
         self._signature = layout_signature
+        self._spans = spans or TransferSpans("engine")
         self._cpu_attention_isa = cpu_attention_isa  # the attention's block layout, see ``TokenSlots``
         self._block_size = block_size
         self._num_blocks = num_blocks
@@ -61,6 +63,7 @@ class BatonWorkerSide:
         self._finished_recving: set[str] = set()
         self._failed_recving: set[str] = set()
         self._loaded_bytes: dict[str, int] = {}  # finished loads' bytes, for the scheduler side's report
+        self._load_seconds: dict[str, float] = {}  # ... and durations
         self._kept: dict[str, dict[int, torch.Tensor]] = {}  # req_id → layer index → block, for restores
         self._in_flight: dict[str, LoadSpec] = {}  # loads that run, by req_id
         self._gone: set[str] = set()  # req_ids that finished while their load ran
@@ -109,7 +112,8 @@ class BatonWorkerSide:
             try:
                 # One transfer per rank: this rank's shard goes to the consumer's same rank.
                 spec = dataclasses.replace(spec, kv_target=endpoint_for(spec.kv_target, self.cache.rank))
-                self._outbound[spec.req_id] = self._backend(spec.backend).send(spec)
+                self._outbound[spec.req_id] = self._spans.sending(spec, self._backend(spec.backend).send(spec),
+                                                                  spec.backend)
             except Exception as exc:  # the consumer recomputes when nothing arrives
                 log.warning("kv transfer could not be opened", transfer_id=spec.transfer_id,
                             backend=spec.backend, error=str(exc))
@@ -122,7 +126,7 @@ class BatonWorkerSide:
         sent (or offered) whole now."""
         try:
             spec = dataclasses.replace(spec, kv_target=endpoint_for(spec.kv_target, self.cache.rank))
-            outbound = self._backend(spec.backend).send(spec)
+            outbound = self._spans.sending(spec, self._backend(spec.backend).send(spec), spec.backend)
             for index, layer in enumerate(self.cache.layers):
                 outbound.layer_saved(index, layer)
             outbound.step_done()
@@ -161,9 +165,11 @@ class BatonWorkerSide:
 
     def _run_load(self, spec: LoadSpec) -> None:
         started = time.monotonic()
+        span = self._spans.loading(spec)
         try:
             source = endpoint_for(spec.source, self.cache.rank)
             received = self._backend(spec.backend).receive(dataclasses.replace(spec, source=source))
+            self._spans.loaded(span, received.bytes)
             log.info("kv loaded", transfer_id=spec.transfer_id, req_id=spec.req_id, bytes=received.bytes,
                      blocks=len(spec.block_ids), backend=spec.backend,
                      ms=round((time.monotonic() - started) * 1000, 1))
@@ -171,8 +177,10 @@ class BatonWorkerSide:
                 if received.kept:
                     self._kept[spec.req_id] = received.kept
                 self._loaded_bytes[spec.req_id] = received.bytes
+                self._load_seconds[spec.req_id] = time.monotonic() - started
                 self._finished_recving.add(spec.req_id)
         except Exception as exc:
+            self._spans.load_failed(span, str(exc) or type(exc).__name__)
             log.warning("kv load failed; the prompt will be recomputed", transfer_id=spec.transfer_id,
                         req_id=spec.req_id, backend=spec.backend, error=str(exc))
             with self._lock:
@@ -212,9 +220,11 @@ class BatonWorkerSide:
             if not self._loaded_bytes:
                 return None
             loaded, self._loaded_bytes = self._loaded_bytes, {}
-        return BatonWorkerMetadata(loaded)
+            seconds, self._load_seconds = self._load_seconds, {}
+        return BatonWorkerMetadata(loaded, seconds)
 
     def shutdown(self) -> None:
         self._load_pool.shutdown(wait=False, cancel_futures=True)
         for backend in self._backends.values():
             backend.close()
+        self._spans.flush()

@@ -140,7 +140,7 @@ class CollectiveBackend(InboxBackend):
         with self._lock:
             pair_lock = self._pair_locks.setdefault(spec.kv_target, threading.Lock())
         with pair_lock:
-            group = None
+            group, sent, error = None, 0, ""
             try:
                 group = self._pair(spec.kv_target)
                 device = cache.device
@@ -154,10 +154,11 @@ class CollectiveBackend(InboxBackend):
                 if not int(answer.item()):
                     log.warning("collective kv refused by the consumer", transfer_id=spec.transfer_id,
                                 target=spec.kv_target)
+                    error = "refused by the consumer"
                     return
                 # Layers go out as soon as computed, without waiting for one
                 # another: the i-th layer sent carries tag i + 1.
-                order, digests, sending, sent = [], [], [], 0
+                order, digests, sending = [], [], []
                 for index, layer in push.layers(len(cache.layers)):
                     sending.append((group.send([layer], 1, len(order) + 1), layer))
                     order.append(index)
@@ -170,6 +171,7 @@ class CollectiveBackend(InboxBackend):
                 log.info("kv pushed", transfer_id=spec.transfer_id, bytes=sent, target=spec.kv_target,
                          backend=self.name, ms=round((time.monotonic() - push.started_s) * 1000, 1))
             except Exception as exc:
+                sent, error = 0, str(exc) or type(exc).__name__
                 # A pair broken mid-transfer cannot be trusted for the next:
                 # rebuilt on the next send; the consumer recomputes this one.
                 if group is not None:
@@ -177,7 +179,7 @@ class CollectiveBackend(InboxBackend):
                 else:
                     log.warning("collective pair could not be built", target=spec.kv_target, error=str(exc))
             finally:
-                push.finish()
+                push.finish(sent, error)
 
     # --- consumer ---------------------------------------------------------
     def _accept_pairs(self) -> None:

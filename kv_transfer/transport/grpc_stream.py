@@ -236,17 +236,18 @@ class GrpcBackend(InboxBackend):
 
     def _run_push(self, push: LayerQueue) -> None:
         spec = push.spec
-        metadata = [("traceparent", spec.traceparent)] if spec.traceparent else []
+        sent, error = 0, ""
         try:
             ack = self._channels.push_method(spec.kv_target)(
-                _messages(push, self._cache, self._chunk_bytes), timeout=self._push_timeout_s, metadata=metadata)
+                _messages(push, self._cache, self._chunk_bytes), timeout=self._push_timeout_s)
+            sent = ack.bytes
             log.info("kv pushed", transfer_id=spec.transfer_id, bytes=ack.bytes, target=spec.kv_target,
                      backend=self.name, ms=round((time.monotonic() - push.started_s) * 1000, 1))
         except Exception as exc:  # the consumer recomputes; its inbox already knows
-            detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
-            log.warning("kv push failed", transfer_id=spec.transfer_id, target=spec.kv_target, error=detail)
+            error = (exc.details() if isinstance(exc, grpc.RpcError) else str(exc)) or type(exc).__name__
+            log.warning("kv push failed", transfer_id=spec.transfer_id, target=spec.kv_target, error=error)
         finally:
-            push.finish()
+            push.finish(sent, error)
 
     def close(self) -> None:
         self._pushes.shutdown(wait=False, cancel_futures=True)

@@ -63,6 +63,7 @@ class LayerQueue:
                                      f"{budget.capacity} B allowed (STAGING_CAPACITY_MIB)")
         self._budget = budget
         self._finished = False
+        self._on_finish: list = []
 
     def layer_saved(self, index: int, kv_layer: torch.Tensor) -> None:
         if self._finished:
@@ -91,11 +92,18 @@ class LayerQueue:
         """A layer (or the end) is waiting to be taken."""
         return not self._queue.empty()
 
-    def finish(self) -> None:
-        """The push is over: let the copies go and give their bytes back."""
+    def when_finished(self, callback) -> None:
+        """``callback(sent_bytes, error)`` once the push is over."""
+        self._on_finish.append(callback)
+
+    def finish(self, sent_bytes: int = 0, error: str = "") -> None:
+        """The push is over (``error``: how it failed): let the copies go
+        and give their bytes back."""
         if self._finished:
             return
         self._finished = True
+        for callback in self._on_finish:
+            callback(sent_bytes, error)
         while True:
             try:
                 self._queue.get_nowait()

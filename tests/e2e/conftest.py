@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -23,6 +23,7 @@ from baton.device import engine_dtype
 from baton.etcd_server import EmbeddedEtcd
 from baton.model_store import DEFAULT_MODEL_NAME, ensure_default_model
 from baton.rpc import free_port
+from tests.e2e.otlp_receiver import OtlpReceiver
 from tests.e2e.prompts import LONG_TASKS, SHORT_QUESTIONS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,6 +45,8 @@ class Stack:
     model_path: Path
     proc: subprocess.Popen
     etcd_prefix: str = "/baton/v1"
+    env: dict[str, str] = field(default_factory=dict)  # what its services run with, beyond this process's
+
 
     def env_flags(self) -> list[str]:
         return ["--etcd", self.etcd_endpoint, "--etcd-prefix", self.etcd_prefix, "--control-plane", self.control_plane]
@@ -197,7 +200,7 @@ def baton_stack(etcd, log_dir: Path, env_extra: dict[str, str], *flags: str, pre
         proc.kill()
         pytest.fail("baton up did not become ready:\n" + "\n".join(lines[-50:]))
     yield Stack(f"http://127.0.0.1:{http_port}/v1", f"127.0.0.1:{grpc_port}", etcd.endpoint,
-                f"127.0.0.1:{cp_port}", log_dir, DEFAULT_MODEL_NAME, ensure_default_model(), proc, prefix)
+                f"127.0.0.1:{cp_port}", log_dir, DEFAULT_MODEL_NAME, ensure_default_model(), proc, prefix, env_extra)
     proc.send_signal(signal.SIGINT)  # Ctrl-C
     try:
         code = proc.wait(120)
@@ -214,12 +217,20 @@ def baton_stack(etcd, log_dir: Path, env_extra: dict[str, str], *flags: str, pre
 
 
 @pytest.fixture(scope="session")
-def stack(etcd, model_path, vllm_serve, tmp_path_factory) -> Stack:
+def otlp():
+    """Where the shared stack's services send their spans."""
+    receiver = OtlpReceiver().start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(etcd, model_path, vllm_serve, otlp, tmp_path_factory) -> Stack:
     # Every prompt on a prefill worker: the tests of the KV hand-over need
     # one for each request, however short (test_routing runs "auto").
     env = {"BATON_KV_FETCH_TIMEOUT_MS": str(KV_FETCH_TIMEOUT_MS),
            "BATON_KV_PUSH_START_TIMEOUT_MS": str(KV_PUSH_START_TIMEOUT_MS),
-           "BATON_LABELS": WORKER_LABELS, "BATON_DISAGGREGATION": "always"}
+           "BATON_LABELS": WORKER_LABELS, "BATON_DISAGGREGATION": "always", **otlp.env}
     with baton_stack(etcd, tmp_path_factory.mktemp("stack-logs"), env) as running:
         yield running
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import threading
@@ -60,7 +61,7 @@ def extra_worker(stack, log_path, role: str = "decode", drain_timeout_s: float =
         proc = subprocess.Popen(baton_command(f"{role}-worker", *stack.env_flags(), "--worker-id", VICTIM,
                                               "--cpu-cores", "0,1" if role == "decode" else "0"),
                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-                                env={**os.environ, "BATON_LABELS": WORKER_LABELS,
+                                env={**os.environ, **stack.env, "BATON_LABELS": WORKER_LABELS,
                                      "BATON_DRAIN_TIMEOUT_S": str(drain_timeout_s)})
     try:
         wait_for(lambda: VICTIM in workers(stack) or proc.poll() is not None, 600, f"{VICTIM} to join")
@@ -87,12 +88,12 @@ def answer(stack, topic: str) -> str:
     return response.json()["choices"][0]["message"]["content"]
 
 
-def stream(stack, topic: str, out: dict, content: str = "") -> None:
+def stream(stack, topic: str, out: dict, content: str = "", headers: dict | None = None) -> None:
     """The streamed text, its finish reason and any error event, in ``out``."""
     text, finish, errors, tokens = [], None, [], 0
     try:
         with httpx.stream("POST", f"{stack.http_base}/chat/completions", json=body(stack, topic, True, content),
-                          timeout=300) as response:
+                          headers=headers, timeout=300) as response:
             for line in response.iter_lines():
                 if not line.startswith("data: {"):
                     continue
@@ -127,6 +128,33 @@ def kill_engine(worker: subprocess.Popen) -> None:
 
     (engine,) = [p for p in psutil.Process(worker.pid).children(recursive=True) if p.name() == "VLLM::Worker"]
     engine.send_signal(signal.SIGKILL)
+
+
+def retried_and_done(spans) -> bool:
+    """A trace whose prefill failed once, with every hop after reported."""
+    prefills = [s for s in spans if s.name == "prefill" and s.service == "baton-router"]
+    names = {s.name for s in spans}
+    return len(prefills) == 2 and {"POST /v1/chat/completions", "baton.v1.DecodeWorker/Decode"} <= names and (
+        "kv.load" in names or not any(s.name == "baton.v1.PrefillWorker/Prefill" for s in spans))
+
+
+def check_retry_trace(spans) -> None:
+    """One tree under the client's span: the failed prefill on the victim,
+    the second placement avoiding it, then prefill (or the decode worker
+    alone), KV and decode as on any request."""
+    by_id = {s.span_id: s for s in spans}
+    (http,) = [s for s in spans if s.name == "POST /v1/chat/completions"]
+    for span in spans:
+        assert span is http or span.parent_span_id in by_id, f"{span.service} {span.name} has no parent in the trace"
+    first, second = sorted((s for s in spans if s.name == "prefill" and s.service == "baton-router"),
+                           key=lambda s: s.start_ns)
+    assert first.attributes["baton.worker_id"] == VICTIM and first.error, first
+    schedules = sorted((s for s in spans if s.name == "schedule"), key=lambda s: s.start_ns)
+    assert len(schedules) == 2 and schedules[1].attributes["baton.avoid_workers"] == [VICTIM], schedules
+    assert second.start_ns > schedules[1].start_ns and second.error is None
+    assert schedules[1].attributes["baton.prefill_worker"] != VICTIM
+    decode = [s for s in spans if s.name == "baton.v1.DecodeWorker/Decode"]
+    assert decode and all(s.error is None for s in decode)
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL", "engine killed"])
@@ -180,17 +208,20 @@ def check_nothing_lost(stack, expected, results, after_kill, counter, moves_befo
              "in-flight counts back to zero")
 
 
-def test_a_prefill_worker_killed_while_prefilling_loses_nothing(stack, tmp_path):
+def test_a_prefill_worker_killed_while_prefilling_loses_nothing(stack, otlp, tmp_path):
     """Long prompts, so some are on the victim's engine when it dies: they
-    are placed again (the other prefill worker, or their decode worker)."""
+    are placed again (the other prefill worker, or their decode worker),
+    and each one's trace shows it."""
     documents = [f"Summarize this report.\n\n{long_document(900 + i, 90)}" for i in range(4)]
     with extra_worker(stack, tmp_path / f"{VICTIM}.log", role="prefill") as victim:
         retries_before = router_counter(stack, "baton_prefill_retries_total")
         results: dict[str, dict] = {}
         requests = {f"doc{i}": text for i, text in enumerate(documents)}
+        traces = {name: secrets.token_hex(16) for name in requests}
 
         def run(name: str) -> None:
-            stream(stack, name, results, content=requests[name])
+            stream(stack, name, results, content=requests[name],
+                   headers={"traceparent": f"00-{traces[name]}-{secrets.token_hex(8)}-01"})
 
         threads = [threading.Thread(target=run, args=(name,)) for name in requests]
         for thread in threads:
@@ -205,6 +236,10 @@ def test_a_prefill_worker_killed_while_prefilling_loses_nothing(stack, tmp_path)
         assert got["errors"] == [] and got["finish_reason"] == "length", (name, got)
         assert got["tokens"] == MAX_TOKENS, (name, got)
     assert router_counter(stack, "baton_prefill_retries_total") > retries_before, "no prefill was placed again"
+    retried = wait_for(lambda: [spans for trace_id in traces.values() if retried_and_done(spans := otlp.trace(trace_id))],
+                       30, "the trace of a request placed again")
+    for spans in retried:
+        check_retry_trace(spans)
     wait_for(lambda: VICTIM not in workers(stack), 30, f"{VICTIM} to leave the registry")
     wait_for(lambda: all(w.in_flight == 0 and w.queued_prefill_tokens == 0 for w in workers(stack).values()), 30,
              "in-flight counts back to zero")

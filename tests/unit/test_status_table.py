@@ -7,7 +7,7 @@ def test_the_table_shows_labels_counters_and_backends():
     status = {"workers": [
         {"worker_id": "decode-0", "role": "decode", "address": "127.0.0.1:1", "state": "ready", "model": "m",
          "labels": {"tier": "a", "region": "eu"},
-         "transfers": {"total": 3, "consumed": 2, "failed": 1, "expired": 0, "in_flight": 0}},
+         "transfers": {"total": 3, "consumed": 2, "failed": 1, "expired": 0, "in_flight": 0, "kv_bytes": 5 << 20}},
         {"worker_id": "prefill-0", "role": "prefill", "address": "127.0.0.1:2", "state": "ready", "model": "m",
          "labels": {}, "transfers": None}],
         "kv_backends": {"grpc": {"placed": 3, "consumed": 2, "failed": 1, "recomputed": 1, "expired": 0,
@@ -16,8 +16,24 @@ def test_the_table_shows_labels_counters_and_backends():
     decode, prefill = (line for line in table.splitlines() if line.startswith(("decode-0", "prefill-0")))
     assert "region=eu,tier=a" in decode and "consumed=2" in decode
     assert " - " in prefill and "control plane unreachable" in prefill
-    assert "KV BACKEND" in table and "4096" in table
+    assert "KV BACKEND" in table and "4.0 KiB" in table and "kv=5.0 MiB" in decode
     assert render_table({"workers": [], "kv_backends": None}) == "no workers registered"
+
+
+def test_the_table_shows_recent_errors_newest_first():
+    status = {"workers": [
+        {"worker_id": "decode-0", "role": "decode", "address": "a:2", "state": "ready", "model": "m", "labels": {},
+         "transfers": {"total": 1, "consumed": 0, "failed": 1, "expired": 0, "in_flight": 0, "kv_bytes": 0}}],
+        "kv_backends": None, "recent_errors": [
+            {"unix_s": 1_800_000_100.0, "kind": "recomputed", "worker_id": "decode-0", "transfer_id": "ab" * 16,
+             "detail": "the decode worker could not load the KV"},
+            {"unix_s": 1_800_000_000.0, "kind": "suspect", "worker_id": "prefill-1", "transfer_id": "",
+             "detail": "request r1 failed on it"}]}
+    lines = render_table(status).splitlines()
+    start = lines.index("RECENT ERRORS (newest first)")
+    assert "recomputed" in lines[start + 1] and "decode-0 abababab" in lines[start + 1]
+    assert "could not load the KV" in lines[start + 1]
+    assert "suspect" in lines[start + 2] and "request r1 failed on it" in lines[start + 2]
 
 
 def test_the_table_shows_the_prefix_index_and_load_per_worker():
@@ -25,11 +41,11 @@ def test_the_table_shows_the_prefix_index_and_load_per_worker():
               "prefix_cache_hits": 512}
     status = {"policy": "kv-aware", "workers": [
         {"worker_id": "prefill-0", "role": "prefill", "address": "a:1", "state": "ready", "model": "m",
-         "labels": {}, "transfers": {"total": 1, "consumed": 1, "failed": 0, "expired": 0, "in_flight": 0},
+         "labels": {}, "transfers": {"total": 1, "consumed": 1, "failed": 0, "expired": 0, "in_flight": 0, "kv_bytes": 5 << 20},
          "scheduling": {"prefix_source": "events", "cached_blocks": 7, "queued_prefill_tokens": 321,
                         "running": 0, "engine": engine}},
         {"worker_id": "decode-0", "role": "decode", "address": "a:2", "state": "ready", "model": "m",
-         "labels": {}, "transfers": {"total": 1, "consumed": 1, "failed": 0, "expired": 0, "in_flight": 0},
+         "labels": {}, "transfers": {"total": 1, "consumed": 1, "failed": 0, "expired": 0, "in_flight": 0, "kv_bytes": 5 << 20},
          "scheduling": {"prefix_source": "history", "cached_blocks": 3, "queued_prefill_tokens": 0,
                         "running": 4, "engine": None}}],
         "kv_backends": None,
