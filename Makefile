@@ -58,3 +58,7 @@ bench-drain: setup
 .PHONY: soak
 soak: setup
 	$(PY) -m bench.soak $(ARGS)
+
+.PHONY: bench-overhead
+bench-overhead: setup
+	$(PY) -m bench.overhead $(ARGS)

@@ -155,16 +155,19 @@ def vllm_pd(log_dir: Path, max_model_len: int = 2048, kv_cache_gib: int = 1) -> 
 
 
 @contextlib.contextmanager
-def baton_up(log_dir: Path, *flags: str, control_plane: str = "") -> Iterator[str]:
+def baton_up(log_dir: Path, *flags: str, control_plane: str = "", env: dict[str, str] | None = None
+             ) -> Iterator[str]:
     """`baton up` (1 prefill + 1 decode worker unless ``flags`` say more;
-    its control plane at ``control_plane``, or any free port); yields its
-    base URL once a real answer comes back."""
+    its control plane at ``control_plane``, or any free port; ``env`` added
+    to every service's environment); yields its base URL once a real answer
+    comes back."""
     port = free_port()
     control_plane = control_plane or f"127.0.0.1:{free_port()}"
     proc = subprocess.Popen([sys.executable, "-m", "baton.cli", "up", "--http-port", str(port),
                              "--router-grpc-port", str(free_port()), "--control-plane", control_plane,
                              "--log-dir", str(log_dir), *flags],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **(env or {})})
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{base}/health", proc, 900)
