@@ -316,8 +316,10 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
               f"baton: try  curl {base}/chat/completions -H 'Content-Type: application/json' "
               f"-d '{{\"model\": \"{models[0].name}\", \"messages\": "
               f"[{{\"role\": \"user\", \"content\": \"Name the capital of France.\"}}]}}'\n"
-              f"baton: `baton status --etcd {stack.etcd_endpoint} --control-plane {stack.control_plane}` "
-              f"lists the workers; `baton scale --prefill N --decode M` resizes. Ctrl-C stops everything.",
+              f"baton: metrics: {base.removesuffix('/v1')}/metrics (router), "
+              f"http://{stack.control_plane_metrics}/metrics (control plane), workers' in `baton status --json`\n"
+              f"baton: `baton status --watch` shows the workers live; `baton scale --prefill N --decode M` "
+              f"resizes. Ctrl-C stops everything.",
               flush=True)
         while True:
             stack.revive()

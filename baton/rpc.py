@@ -7,8 +7,10 @@ services, and carries trace context; every channel injects it.
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,6 +29,8 @@ RECONNECT_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
+C = TypeVar("C")
+
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -112,3 +116,28 @@ def channel(address: str) -> grpc.aio.Channel:
 def sync_channel(address: str) -> grpc.Channel:
     """For code outside an event loop (vLLM's engine processes)."""
     return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+
+
+class ChannelPool(Generic[C]):
+    """One channel per peer address, made by ``make`` (``channel`` or
+    ``sync_channel``) on first use and reused; safe to share between
+    threads (channels themselves are)."""
+
+    def __init__(self, make: Callable[[str], C]):
+        self._make = make
+        self._lock = threading.Lock()
+        self._by_address: dict[str, C] = {}
+
+    def get(self, address: str) -> C:
+        with self._lock:
+            found = self._by_address.get(address)
+            if found is None:
+                found = self._by_address[address] = self._make(address)
+            return found
+
+    def take_all(self) -> list[C]:
+        """Every channel, forgotten here: the caller closes them (``close()``,
+        awaited for asyncio channels)."""
+        with self._lock:
+            channels, self._by_address = list(self._by_address.values()), {}
+        return channels

@@ -38,7 +38,7 @@ from baton.errors import (
 )
 from baton.logs import get_logger
 from baton.registry import RegistryWatcher
-from baton.rpc import channel
+from baton.rpc import ChannelPool, channel
 from baton.telemetry import traced_stream, tracer
 from baton.v1 import (
     common_pb2,
@@ -150,27 +150,10 @@ class _FirstTokenMismatch(Exception):
     near tie): its continuation does not follow what the client has."""
 
 
-@dataclass
-class _Channels:
-    """One channel per peer address, reused across requests."""
-
-    by_address: dict[str, grpc.aio.Channel] = field(default_factory=dict)
-
-    def get(self, address: str) -> grpc.aio.Channel:
-        ch = self.by_address.get(address)
-        if ch is None:
-            ch = self.by_address[address] = channel(address)
-        return ch
-
-    async def close(self) -> None:
-        for ch in self.by_address.values():
-            await ch.close()
-
-
 class Pipeline:
     def __init__(self, control_plane_address: str, registry: RegistryWatcher, model_name: str,
                  metrics: Metrics, timeout_s: float, decode_moves: int = 2, decode_handoffs: bool = True):
-        self._channels = _Channels()
+        self._channels = ChannelPool(channel)
         self._control_plane = control_plane_pb2_grpc.ControlPlaneStub(self._channels.get(control_plane_address))
         self._registry = registry
         self._model_name = model_name
@@ -186,7 +169,8 @@ class Pipeline:
     async def close(self) -> None:
         if self._background:  # reports still on their way: give them a moment
             await asyncio.wait(set(self._background), timeout=2)
-        await self._channels.close()
+        for ch in self._channels.take_all():
+            await ch.close()
 
     async def _schedule(self, request: EngineRequest, avoid: tuple[str, ...] = (),
                         move_from: str = "") -> control_plane_pb2.Placement:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import struct
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,7 +30,7 @@ import grpc
 import torch
 
 from baton.logs import get_logger
-from baton.rpc import ServiceBinding, start_sync_server, sync_channel
+from baton.rpc import ChannelPool, ServiceBinding, start_sync_server, sync_channel
 from baton.v1 import kv_transfer_pb2 as pb
 from baton.v1 import kv_transfer_pb2_grpc as pb_grpc
 from kv_transfer.blocks import as_bytes
@@ -171,28 +170,6 @@ class _Control(pb_grpc.KVTransferServicer):
                           failed_total=s.get("failed", 0), never_started_total=s.get("never_started", 0))
 
 
-class _Channels:
-    """One channel per consumer, shared by the push threads (gRPC channels
-    are thread-safe)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._channels: dict[str, grpc.Channel] = {}
-
-    def push_method(self, address: str):
-        with self._lock:
-            channel = self._channels.get(address)
-            if channel is None:
-                channel = self._channels[address] = sync_channel(address)
-        return channel.stream_unary(PUSH_METHOD, response_deserializer=pb.PushAck.FromString)
-
-    def close(self) -> None:
-        with self._lock:
-            for channel in self._channels.values():
-                channel.close()
-            self._channels.clear()
-
-
 class GrpcBackend(InboxBackend):
     name = "grpc"
 
@@ -206,7 +183,7 @@ class GrpcBackend(InboxBackend):
         self._chunk_bytes = chunk_bytes
         self._push_timeout_s = push_timeout_s
         self._server: grpc.Server | None = None
-        self._channels = _Channels()
+        self._channels = ChannelPool(sync_channel)  # one per consumer, shared by the push threads
         # Pushes wait on layers as the forward computes them.
         self._pushes = ThreadPoolExecutor(max_workers=MAX_CONCURRENT_PUSHES, thread_name_prefix="baton-kv-push")
 
@@ -238,7 +215,9 @@ class GrpcBackend(InboxBackend):
         spec = push.spec
         sent, error = 0, ""
         try:
-            ack = self._channels.push_method(spec.kv_target)(
+            push_method = self._channels.get(spec.kv_target).stream_unary(
+                PUSH_METHOD, response_deserializer=pb.PushAck.FromString)
+            ack = push_method(
                 _messages(push, self._cache, self._chunk_bytes), timeout=self._push_timeout_s)
             sent = ack.bytes
             log.info("kv pushed", transfer_id=spec.transfer_id, bytes=ack.bytes, target=spec.kv_target,
@@ -251,6 +230,7 @@ class GrpcBackend(InboxBackend):
 
     def close(self) -> None:
         self._pushes.shutdown(wait=False, cancel_futures=True)
-        self._channels.close()
+        for channel in self._channels.take_all():
+            channel.close()
         if self._server is not None:
             self._server.stop(grace=None)

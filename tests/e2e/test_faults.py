@@ -82,8 +82,9 @@ def body(stack, topic: str, stream: bool, content: str = "") -> dict:
     return request
 
 
-def answer(stack, topic: str) -> str:
-    response = httpx.post(f"{stack.http_base}/chat/completions", json=body(stack, topic, False), timeout=300)
+def answer(stack, topic: str, headers: dict | None = None) -> str:
+    response = httpx.post(f"{stack.http_base}/chat/completions", json=body(stack, topic, False), headers=headers,
+                          timeout=300)
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["message"]["content"]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import signal
 import subprocess
 import threading
@@ -24,6 +25,7 @@ import psutil
 
 from baton.registry import list_workers
 from baton.v1 import control_plane_pb2, control_plane_pb2_grpc
+from kv_transfer.transport import FALLBACK_BACKEND
 from tests.e2e.conftest import REPO, baton_command, wait_for
 from tests.e2e.test_faults import MAX_TOKENS, TOPICS, answer, router_counter, stream, workers
 
@@ -59,7 +61,24 @@ def reachable_workers(stack):
         return None
 
 
-def test_the_control_plane_killed_under_load_loses_nothing_and_comes_back(stack):
+def check_fallback_trace(spans) -> None:
+    """Placed by the router alone, a request is one trace like any other,
+    and says how it was placed."""
+    by_id = {s.span_id: s for s in spans}
+    (http,) = [s for s in spans if s.name == "POST /v1/chat/completions"]
+    for span in spans:
+        assert span is http or span.parent_span_id in by_id, f"{span.service} {span.name} has no parent in the trace"
+    (schedule,) = [s for s in spans if s.name == "schedule"]
+    assert "control plane unreachable; placed by the router" in schedule.event_names
+    assert schedule.attributes["baton.decision"] == "local-fallback"
+    assert not [s for s in spans if s.service == "baton-control-plane"]
+    (send,) = [s for s in spans if s.name == "kv.send"]
+    (load,) = [s for s in spans if s.name == "kv.load"]
+    assert send.attributes["baton.kv.backend"] == load.attributes["baton.kv.backend"] == FALLBACK_BACKEND
+    assert load.attributes["baton.kv.bytes"] > 0 and load.error is None
+
+
+def test_the_control_plane_killed_under_load_loses_nothing_and_comes_back(stack, otlp):
     before = workers(stack)
     local_before = router_counter(stack, "baton_local_placements_total")
     results: dict[str, dict] = {}
@@ -75,11 +94,15 @@ def test_the_control_plane_killed_under_load_loses_nothing_and_comes_back(stack)
     try:
         psutil.Process(old_pid).send_signal(signal.SIGKILL)
         # Placed by the router itself while the control plane is down.
-        during = [answer(stack, topic) for topic in TOPICS[:2]]
+        trace_id = secrets.token_hex(16)
+        during = [answer(stack, TOPICS[0], headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}),
+                  answer(stack, TOPICS[1])]
     finally:
         supervisor.resume()
     assert all(during)
     assert router_counter(stack, "baton_local_placements_total") >= local_before + 2
+    check_fallback_trace(wait_for(lambda: (found := otlp.trace(trace_id)) and {"kv.load", "engine.decode"} <= {
+        s.name for s in found} and found, 30, "the trace of a request placed by the router alone"))
     for thread in threads:
         thread.join(300)
     check_complete(results)

@@ -10,18 +10,22 @@ import json
 import secrets
 
 import httpx
+import pytest
 
+from kv_transfer.transport import BACKENDS
 from tests.e2e.conftest import wait_for
 from tests.e2e.otlp_receiver import Span
 
 SERVER, CLIENT, PRODUCER, CONSUMER = 2, 3, 4, 5  # OTLP span kinds
 
 
-def traced_request(stack, content: str, trace_id: str, parent_id: str, request_id: str) -> httpx.Response:
+def traced_request(stack, content: str, trace_id: str, parent_id: str, request_id: str,
+                   backend: str) -> httpx.Response:
     return httpx.post(f"{stack.http_base}/chat/completions", timeout=300, headers={
         "traceparent": f"00-{trace_id}-{parent_id}-01", "tracestate": "gateway=edge-7",
         "X-Request-Id": request_id}, json={
         "model": stack.model_name, "max_tokens": 12, "temperature": 0,
+        "kv_transfer_params": {"kv_backend": backend},
         "messages": [{"role": "user", "content": content}]})
 
 
@@ -38,14 +42,15 @@ def complete(spans: list[Span]) -> bool:
             "engine.decode"} <= names
 
 
-def test_a_request_joins_the_clients_trace_at_every_hop(stack, otlp, model_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_request_joins_the_clients_trace_at_every_hop(stack, otlp, model_path, backend):
     trace_id, parent_id, request_id = secrets.token_hex(16), secrets.token_hex(8), f"client-{secrets.token_hex(4)}"
-    response = traced_request(stack, "Name three rivers of Europe and one fact about each.", trace_id, parent_id,
-                              request_id)
+    response = traced_request(stack, f"Name three rivers of Europe and one fact about each ({backend}).", trace_id,
+                              parent_id, request_id, backend)
     assert response.status_code == 200, response.text
     assert response.headers["x-request-id"] == request_id
     loaded = response.json()["kv_transfer_params"]
-    assert loaded["external_tokens"] > 0 and not loaded["recomputed"], loaded
+    assert loaded["external_tokens"] > 0 and not loaded["recomputed"] and loaded["backend"] == backend, loaded
 
     spans = wait_for(lambda: (found := otlp.trace(trace_id)) and complete(found) and found, 30,
                      "the request's spans from every service")
