@@ -24,9 +24,15 @@ class TransferSpans:
         self._service = service
         self._tracer: trace.Tracer | None = None
 
-    def _start(self, name: str, traceparent: str, kind: trace.SpanKind, attributes: dict) -> trace.Span:
-        if self._tracer is None:  # first use is in the engine's process, not where the connector was built
+    def start(self) -> None:
+        """Make the tracer (and its exporter) now, in the engine's process
+        as it starts: made at the first transfer, it took that transfer's
+        time (imports, an exporter thread) on the model or load thread."""
+        if self._tracer is None:
             self._tracer = engine_tracer(self._service, "baton.kv_transfer")
+
+    def _start(self, name: str, traceparent: str, kind: trace.SpanKind, attributes: dict) -> trace.Span:
+        self.start()
         return self._tracer.start_span(name, context=context_of(traceparent), kind=kind, attributes=attributes)
 
     def sending(self, spec: SaveSpec, outbound: Outbound, backend: str) -> Outbound:

@@ -80,6 +80,7 @@ class BatonWorkerSide:
         self._layer_index = {name: i for i, name in enumerate(self.cache.names)}
         for backend in self._backends.values():
             backend.attach(self.cache)
+        self._spans.start()
         log.info("kv caches registered", layers=len(self.cache.names), block_shape=self.cache.layout.block_shape,
                  layout_hash=self.cache.layout.layout_hash(), backends=sorted(self._backends), rank=str(rank))
 

@@ -28,14 +28,19 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for n, seen, v in samples if n == name and labels.items() <= seen.items())
 
 
-def endpoints(stack) -> dict[str, str]:
+def endpoints(stack) -> dict[str, list[str]]:
+    """Per service (each worker role: all its workers), its /metrics."""
     workers = asyncio.run(list_workers(stack.etcd_endpoint, stack.etcd_prefix))
-    found = {"router": stack.http_base.removesuffix("/v1") + "/metrics",
-             "control_plane": json.loads((stack.log_dir / "up.json").read_text())["control_plane_metrics"]}
+    found = {"router": [stack.http_base.removesuffix("/v1") + "/metrics"],
+             "control_plane": [json.loads((stack.log_dir / "up.json").read_text())["control_plane_metrics"]]}
     for role in ("prefill", "decode"):
-        (worker,) = [w for w in workers if w.role == role]  # the shared stack's one of each
-        found[role] = f"http://{worker.metrics_address}/metrics"
+        found[role] = [f"http://{w.metrics_address}/metrics" for w in workers if w.role == role]
+        assert found[role], f"no {role} worker"
     return found
+
+
+def scrape_all(urls: list[str]) -> Samples:
+    return [sample for url in urls for sample in scrape(url)]
 
 
 PROMPTS = ["Name a bird that cannot fly.", "Wie heißt die Hauptstadt von Österreich?", "日本の首都はどこですか？"]
@@ -43,9 +48,9 @@ PROMPTS = ["Name a bird that cannot fly.", "Wie heißt die Hauptstadt von Öster
 
 def test_every_service_counts_exactly_the_traffic_it_served(stack):
     urls = endpoints(stack)
-    wait_for(lambda: value(scrape(urls["control_plane"]), "baton_kv_transfers_in_flight") == 0, 60,
+    wait_for(lambda: value(scrape_all(urls["control_plane"]), "baton_kv_transfers_in_flight") == 0, 60,
              "earlier tests' requests to end")
-    before = {name: scrape(url) for name, url in urls.items()}
+    before = {name: scrape_all(service) for name, service in urls.items()}
     usage, loaded = [], []
     for prompt in PROMPTS:
         response = httpx.post(f"{stack.http_base}/chat/completions", timeout=300, json={
@@ -63,9 +68,9 @@ def test_every_service_counts_exactly_the_traffic_it_served(stack):
         return value(samples, "baton_kv_transfers_total", outcome="consumed")
 
     # Transfers are reported to the control plane after the answer.
-    wait_for(lambda: consumed(scrape(urls["control_plane"])) - consumed(before["control_plane"]) == n, 30,
+    wait_for(lambda: consumed(scrape_all(urls["control_plane"])) - consumed(before["control_plane"]) == n, 30,
              "the transfers to be reported consumed")
-    after = {name: scrape(url) for name, url in urls.items()}
+    after = {name: scrape_all(service) for name, service in urls.items()}
 
     def delta(service: str, name: str, **labels: str) -> float:
         return value(after[service], name, **labels) - value(before[service], name, **labels)
@@ -91,8 +96,10 @@ def test_every_service_counts_exactly_the_traffic_it_served(stack):
     backend = loaded[0]["backend"]
     assert delta("control_plane", "baton_kv_transfer_bytes_total", backend=backend) == sum(
         kv["bytes"] for kv in loaded) > 0
+    registered = asyncio.run(list_workers(stack.etcd_endpoint, stack.etcd_prefix))
     for role in ("prefill", "decode"):
-        assert value(after["control_plane"], "baton_workers", role=role, state="ready", model=model) == 1
+        ready = sum(w.role == role and w.state == "ready" for w in registered)
+        assert value(after["control_plane"], "baton_workers", role=role, state="ready", model=model) == ready > 0
 
     # Each worker: its engine's own metrics, and the decode worker's KV loads.
     assert delta("prefill", "vllm:request_success_total") == n
@@ -111,6 +118,6 @@ def test_every_service_counts_exactly_the_traffic_it_served(stack):
     # Grafana's dashboard reads only what the services export.
     dashboard = json.loads((REPO / "deploy/observability/grafana/dashboards/baton.json").read_text())
     used = {name for panel in dashboard["panels"] for target in panel.get("targets", [])
-            for name in re.findall(r"(?:baton_|vllm:)[a-z_:]+", target["expr"])}
+            for name in re.findall(r"(?:baton_|vllm:)[a-z0-9_:]+", target["expr"])}
     exported = {name for samples in after.values() for name, _, _ in samples}
     assert used and used <= exported, sorted(used - exported)
