@@ -120,6 +120,12 @@ def inject_headers() -> dict[str, str]:
     return carrier
 
 
+def current_traceparent() -> str:
+    """The current context's W3C ``traceparent`` ("" outside any span), to
+    hand to work done elsewhere (an engine's KV transfer)."""
+    return inject_headers().get("traceparent", "")
+
+
 def extract_context(headers: Mapping[str, str]) -> otel_context.Context:
     return propagate.extract(dict(headers))
 

@@ -16,7 +16,7 @@ from baton import sampling
 from baton.engine import ENGINE_DEAD, Engine, generated_tokens, is_engine_dead, is_input_error
 from baton.engine_timeline import trace_decode
 from baton.logs import bind_request, get_logger
-from baton.telemetry import inject_headers
+from baton.telemetry import current_traceparent
 from baton.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from decode_worker.metrics import record_load
 from kv_transfer.handoff import HandOffNote, until_sent, write_note
@@ -91,7 +91,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
         tokens = running.engine_prompt_tokens + running.streamed - 1
         write_note(self._handoff_dir, request.request_id,
                    HandOffNote(request.transfer_id, request.kv_target, request.kv_backend, tokens,
-                               inject_headers().get("traceparent", "")))
+                               current_traceparent()))
         running.handed.set()  # its Decode aborts the engine request; the engine sends the KV as it goes
         log.info("handing off", transfer_id=request.transfer_id, backend=request.kv_backend, tokens=tokens)
         # Said only once the KV is on its way, so that the receiver's wait
@@ -116,7 +116,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeWorkerServicer):
             # the connector loads all of it; without, all but the last
             # position, which this engine computes to sample that token.
             kv_params = ConsumerParams(request.transfer_id, len(request.prompt_token_ids), backend,
-                                       request.kv_source, inject_headers().get("traceparent", "")).to_dict()
+                                       request.kv_source, current_traceparent()).to_dict()
         report: LoadReport | None = None
         produced = 0
         running = _Running(len(prompt), leaving=self._handing_off)

@@ -11,7 +11,7 @@ from baton import sampling
 from baton.engine import ENGINE_DEAD, Engine, generated_tokens, is_engine_dead, is_input_error
 from baton.engine_timeline import trace_prefill
 from baton.logs import bind_request, get_logger
-from baton.telemetry import inject_headers
+from baton.telemetry import current_traceparent
 from baton.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from kv_transfer.params import ProducerParams
 from kv_transfer.transport import FALLBACK_BACKEND
@@ -34,7 +34,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillWorkerServicer):
             if not request.kv_target:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "transfer_id given without kv_target")
             kv_params = ProducerParams(request.transfer_id, request.kv_target,
-                                       inject_headers().get("traceparent", ""),
+                                       current_traceparent(),
                                        request.kv_backend or FALLBACK_BACKEND).to_dict()
         final = None
         try:
