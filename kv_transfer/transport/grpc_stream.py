@@ -10,8 +10,11 @@ messages of at most ``chunk_bytes``: per layer, in the order computed, a
 12-byte frame (``<iq``: layer index, xxh3 of the payload; never split across
 messages) and the payload (the transfer's blocks in request order, C
 order). Small layers that are ready together share a message: a message
-costs far more than its bytes in Python gRPC. The consumer checks each
-layer as it completes, while later ones still arrive.
+costs far more than its bytes in Python gRPC. A layer that fits in one
+message is never split, so the consumer keeps it where gRPC put it (a view
+of the message, no copy); only a layer bigger than a message is assembled.
+The consumer checks each layer as it completes, while later ones still
+arrive.
 
 It answers a ``PushAck``, or RESOURCE_EXHAUSTED (inbox full) /
 FAILED_PRECONDITION (layout mismatch, declined) right after the header,
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import struct
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -66,7 +70,9 @@ def _messages(push: LayerQueue, cache: KVCache, chunk_bytes: int):
     size = 0
     for index, layer in push.layers(len(cache.layers)):
         payload = as_bytes(layer)
-        if size + _LAYER_FRAME.size > chunk_bytes:
+        framed = _LAYER_FRAME.size + len(payload)
+        # Start a new message rather than split a layer that fits in one.
+        if pieces and (size + _LAYER_FRAME.size > chunk_bytes or (framed <= chunk_bytes < size + framed)):
             yield b"".join(pieces)
             pieces, size = [], 0
         pieces.append(_LAYER_FRAME.pack(index, digest(layer)))
@@ -85,6 +91,14 @@ def _messages(push: LayerQueue, cache: KVCache, chunk_bytes: int):
             pieces, size = [], 0
     if pieces:
         yield b"".join(pieces)
+
+
+def _view(message: bytes, offset: int, count: int) -> torch.Tensor:
+    """``count`` bytes of a received message, in place: gRPC gave the message
+    to us alone and nothing writes to it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "not writable": it is only read
+        return torch.frombuffer(message, dtype=torch.uint8, count=count, offset=offset)
 
 
 class _Receiver:
@@ -137,6 +151,13 @@ class _Receiver:
                     position += _LAYER_FRAME.size
                     if not 0 <= index < count or layers[index] is not None:
                         raise WireError(f"layer {index} out of range or sent twice")
+                    if len(view) - position >= layer_bytes:  # whole in this message: no copy
+                        layer = _view(message, position, layer_bytes)
+                        position += layer_bytes
+                        layers[index] = layer.view(cache.layers[index].dtype)
+                        check_layer(index, layers[index], expected)
+                        done += 1
+                        continue
                     buffer, filled = torch.empty(layer_bytes, dtype=torch.uint8), 0
                     into = memoryview(buffer.numpy())
                 take = min(layer_bytes - filled, len(view) - position)

@@ -35,12 +35,14 @@ def make_backend(kind: str, name: str, consumer: bool, copies: CopyBudget | None
     if kind == "collective":
         return CollectiveBackend(name, "127.0.0.1", consumer=consumer, fetch_timeout_ms=10_000,
                                  start_timeout_ms=500, inbox=Inbox(1 << 20, 30), copies=copies)
-    # Small chunks: a layer takes several messages.
-    return GrpcBackend("127.0.0.1", 0, consumer, Inbox(1 << 20, 30), chunk_bytes=1000, fetch_timeout_ms=10_000,
-                       start_timeout_ms=500, copies=copies)
+    # "grpc": small chunks, a layer takes several messages and is assembled;
+    # "grpc-whole-layers": layers share a message and are read in place.
+    chunk_bytes = 1000 if kind == "grpc" else 1 << 20
+    return GrpcBackend("127.0.0.1", 0, consumer, Inbox(1 << 20, 30), chunk_bytes=chunk_bytes,
+                       fetch_timeout_ms=10_000, start_timeout_ms=500, copies=copies)
 
 
-@pytest.fixture(scope="module", params=["collective", "grpc"])
+@pytest.fixture(scope="module", params=["collective", "grpc", "grpc-whole-layers"])
 def kind(request):
     return request.param
 
