@@ -16,7 +16,10 @@ from baton.logs import bind_request
 from baton.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from router import constraints
 from router.admission import Admission, refusal_message
+from router.api_keys import ApiKey
 from router.engine_client import BatonEngineClient
+from router.key_guard import UNAUTHORIZED_MESSAGE, KeyGuard
+from router.request_limits import too_many_tokens
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 _HTTP_TO_GRPC = {HTTPStatus.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
@@ -62,10 +65,13 @@ def sampling_params(s: inference_pb2.SamplingParams, defaults: dict):
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, engines: dict[str, BatonEngineClient], live_models: Callable[[], set[str]],
-                 admission: Admission | None = None, clock: Callable[[], float] = lambda: 0.0):
+                 admission: Admission | None = None, clock: Callable[[], float] = lambda: 0.0,
+                 guard: KeyGuard | None = None, max_tokens_cap: int = 0):
         """``engines``: model name → its frontend, the default (for requests
         that name none) first; ``admission``: the router's places, shared
-        with its HTTP API."""
+        with its HTTP API; ``guard``: its API keys and their limits."""
+        self._guard = guard
+        self._max_tokens_cap = max_tokens_cap
         self._engines = engines
         self._admission = admission or Admission(0, lambda: 0)
         self._clock = clock
@@ -102,6 +108,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
+        key = await self._authenticate(context)
         model = request.model or self._default  # none: the default one, as over HTTP
         engine = self._engines.get(model)
         if engine is None:
@@ -109,10 +116,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                 f"The model `{request.model}` does not exist. Available: {', '.join(self._engines)}")
         request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
         bind_request(request_id)
+        if self._max_tokens_cap and request.sampling.max_tokens > self._max_tokens_cap:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                too_many_tokens({"max_tokens": request.sampling.max_tokens}, self._max_tokens_cap))
+        if key is not None and (refusal := self._guard.enter(key)) is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal.message,
+                                trailing_metadata=(("retry-after", str(refusal.retry_after_s)),))
         if not self._admission.enter():
+            if key is not None:
+                self._guard.leave(key)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal_message(self._admission),
                                 trailing_metadata=(("retry-after", str(self._admission.retry_after_s())),))
         started = self._clock()
+        held = self._guard.hold(key) if key is not None else None
         try:
             prompt_ids = await self._prompt_ids(engine, request)
             if not prompt_ids:
@@ -155,6 +171,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {cause}")
         finally:
             self._admission.leave(self._clock() - started)
+            if key is not None:
+                self._guard.release(held)
+                self._guard.leave(key)
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> ApiKey | None:
+        """The caller's key (None when the router has no keys); aborts
+        UNAUTHENTICATED without a valid one."""
+        if self._guard is None or not self._guard.enabled:
+            return None
+        authorization = dict(context.invocation_metadata() or ()).get("authorization", "")
+        key = self._guard.authenticate(authorization)
+        if key is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHORIZED_MESSAGE)
+        return key
 
     @staticmethod
     def _message(request_id, output, choice, prompt_tokens: int, produced: int, logprobs: int | None):
@@ -173,5 +203,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return message
 
     async def ListModels(self, request, context):
+        await self._authenticate(context)
         live = self._live_models()
         return inference_pb2.ListModelsResponse(models=[name for name in self._engines if name in live])

@@ -53,6 +53,7 @@ from baton.v1 import (
 )
 from control_plane.scheduling import Candidate, NoWorker, SchedulingRequest, make_scheduler
 from kv_transfer.transport import FALLBACK_BACKEND, PULL_BACKENDS
+from router import key_guard
 from router.metrics import Metrics, arrived_s
 
 if TYPE_CHECKING:
@@ -276,6 +277,7 @@ class Pipeline:
             metrics.requests.labels(status, model).inc()
             metrics.prompt_tokens.labels(model).inc(len(request.prompt_token_ids))
             metrics.generation_tokens.labels(model).inc(generated)
+            key_guard.charge(len(request.prompt_token_ids) + generated)
 
     async def _generate(self, request: EngineRequest) -> AsyncIterator[Step]:
         started = time.monotonic()
