@@ -46,6 +46,7 @@ _ROUTER_FLAGS: list[tuple[str, str, type, str]] = [
     _MODELS_FLAG,
     ("--http-port", "http_port", int, "OpenAI-compatible HTTP port"),
     ("--grpc-port", "router_grpc_port", int, "public gRPC Inference port"),
+    ("--api-keys-file", "api_keys_file", str, "TOML file of API key digests and limits (see `baton api-key`)"),
 ]
 _CONTROL_PLANE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--policy", "policy", str, "placement policy: kv-aware (default), least-loaded, round-robin"),
@@ -59,6 +60,7 @@ _UP_FLAGS = _COMMON_FLAGS + _CONTROL_PLANE_FLAGS + [
     ("--router-grpc-port", "router_grpc_port", int, "public gRPC Inference port"),
     ("--kv-cache-gib", "kv_cache_gib", int, "CPU build: KV cache space of each engine in GiB"),
     ("--kv-cache-blocks", "kv_cache_blocks", int, "cap each engine's KV cache at this many blocks (0: no cap)"),
+    ("--api-keys-file", "api_keys_file", str, "router: TOML file of API key digests and limits"),
 ]
 
 
@@ -96,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--run", default=None, help="that `baton up`'s log folder (default: the latest started)")
     scale.add_argument("--wait-s", type=float, default=600,
                        help="wait until the registry shows the new counts (0: return at once)")
+
+    health = sub.add_parser("health", help="health check of a Baton service (exit 0 when it serves): for "
+                                           "container and Kubernetes probes")
+    health.add_argument("address", help="host:port of a worker's or the control plane's gRPC server (gRPC health, "
+                                         "over the service TLS settings), or the router's http(s)://HOST:PORT/health")
+    health.add_argument("--timeout-s", type=float, default=3.0)
+
+    api_key = sub.add_parser("api-key", help="make a new API key: prints it once, and its entry for a keys file")
+    api_key.add_argument("name", help="what metrics and logs call the key, e.g. team-a")
+    api_key.add_argument("--append-to", default=None, metavar="FILE",
+                         help="append the entry (the key's SHA-256, never the key) to this keys file")
 
     status = sub.add_parser("status", help="workers from etcd with transfer counters")
     _add(status, [f for f in _COMMON_FLAGS if f[1] in ("etcd_endpoint", "etcd_prefix", "control_plane_address")])
@@ -149,10 +162,16 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print(json.dumps(scale(args.run, args.prefill, args.decode, args.wait_s)))
         return 0
+    if args.command == "health":
+        return _health(args.address, args.timeout_s)
+    if args.command == "api-key":
+        return _new_api_key(args.name, args.append_to)
     if args.command == "status":
+        from baton import tls
         from baton.status import collect_status, render_table
 
         settings = _settings(args, _COMMON_FLAGS)
+        tls.use(tls.Tls.internal(settings))
         given = args.etcd_endpoint or args.control_plane_address or any(
             f"BATON_{name}" in os.environ for name in ("ETCD_ENDPOINT", "CONTROL_PLANE_ADDRESS"))
         if args.run or not given:
@@ -180,5 +199,54 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise ValueError(f"unknown command {args.command}")
 
 
+
+def _health(address: str, timeout_s: float) -> int:
+    if address.startswith(("http://", "https://")):
+        import ssl
+        import urllib.request
+
+        try:
+            # A probe of the service's own liveness, not of its certificate's name.
+            with urllib.request.urlopen(address, timeout=timeout_s,
+                                        context=ssl._create_unverified_context()) as response:
+                print(f"{address}: {response.status}")
+                return 0 if response.status == 200 else 1
+        except OSError as exc:
+            print(f"{address}: {exc}", file=sys.stderr)
+            return 1
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from baton import tls
+    from baton.rpc import sync_channel
+
+    tls.use(tls.Tls.internal(load_settings()))
+    with sync_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            print(f"{address}: {exc.code().name} {exc.details() or ''}".rstrip(), file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{address}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+def _new_api_key(name: str, append_to: str | None) -> int:
+    from router.api_keys import new_key
+
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"key name {name!r}: letters, digits, - and _ only")
+    key, sha256 = new_key()
+    entry = f'[keys.{name}]\nsha256 = "{sha256}"\n'
+    if append_to:
+        with open(append_to, "a") as keys_file:
+            keys_file.write("\n" + entry)
+        os.chmod(append_to, 0o600)
+    print(f"API key for {name} (shown once; Baton keeps only its SHA-256):\n{key}\n", file=sys.stderr)
+    print(key if append_to else entry, end="\n" if append_to else "")
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

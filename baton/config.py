@@ -34,8 +34,34 @@ class Settings:
     host: str = "127.0.0.1"
     """Interface every service binds to."""
     advertise_host: str = ""
-    """Host other services use to reach this one; defaults to `host`."""
+    """Host other services use to reach this one; defaults to `host`. "auto":
+    this machine's address on the route to etcd (a container's or pod's own
+    IP), so replicas of one service need no configuration of their own."""
     log_level: str = "info"
+    tls_cert_file: str = ""
+    """TLS between Baton's services (every gRPC hop: router, control plane,
+    workers, etcd, the `grpc` KV data plane): this service's certificate
+    (PEM; its names must match the address peers dial)."""
+    tls_key_file: str = ""
+    """The private key of `tls_cert_file` (PEM)."""
+    tls_ca_file: str = ""
+    """The CA that signed the services' certificates; clients check servers
+    against it (set alone: TLS clients only, e.g. `baton status`)."""
+    tls_server_name: str = ""
+    """The name clients check servers' certificates for, instead of the
+    address they dial: worker addresses are container or pod IPs no
+    certificate can list ahead of time ("" : the dialed host)."""
+    tls_mutual: bool = False
+    """Servers also demand a client certificate from `tls_ca_file`: only Baton's
+    own services can call them."""
+    tls_allow_plaintext_kv: bool = False
+    """With TLS on, allow `kv_backend` nixl or collective, whose KV moves
+    unencrypted (UCX / Gloo / NCCL): for a fabric you trust."""
+    https_cert_file: str = ""
+    """Router: serve HTTPS and TLS gRPC on its public ports with this
+    certificate (clients authenticate with API keys)."""
+    https_key_file: str = ""
+    """Router: the private key of `https_cert_file`."""
 
     # --- workers ----------------------------------------------------------
     worker_id: str = ""
@@ -95,11 +121,11 @@ class Settings:
     send/recv: Gloo on CPU, NCCL on GPU) or "grpc" (needs nothing else).
     A pair that cannot use it falls back to grpc, logged at warning."""
     policy: str = "kv-aware"
+    """Placement: "kv-aware" (prefix cache and per-phase load), "least-loaded" or "round-robin"."""
     disaggregation: str = "auto"
     """"auto": a decode worker prefills a prompt itself when that is predicted
     faster (little of it uncached there, or the prefill pool backed up);
     "always": every prompt runs on a prefill worker while one is live."""
-    """Placement: "kv-aware" (prefix cache and per-phase load), "least-loaded" or "round-robin"."""
     transfer_ttl_s: float = 330.0
     """Transfers not reported consumed or failed within this are expired;
     longer than request_timeout_s, so a running decode never counts as gone."""
@@ -118,6 +144,27 @@ class Settings:
     """Router: a draining decode worker's running answers move with their KV
     (sent over the KV data plane); off, they move as after a failure (the
     receiving worker recomputes the prompt and the tokens streamed)."""
+    api_keys_file: str = ""
+    """Router: a TOML file of API keys, stored as SHA-256 digests, with optional
+    per-key limits (see README "Security"; `baton api-key NAME` makes one).
+    With any key configured, every request but /health, /version and /metrics
+    needs one (HTTP 401, gRPC UNAUTHENTICATED otherwise)."""
+    api_keys: str = ""
+    """Router: more API keys, "NAME:SHA256,...", with the default limits below."""
+    key_requests_per_minute: int = 0
+    """Router: default requests per minute of an API key (0: no limit)."""
+    key_tokens_per_minute: int = 0
+    """Router: default tokens (prompt + generated) per minute of an API key (0: no limit)."""
+    key_concurrent_streams: int = 0
+    """Router: default generation requests an API key may have in progress at once (0: no limit)."""
+    max_request_body_bytes: int = 4 << 20
+    """Router: larger HTTP request bodies are refused (413) before they are read whole (0: no limit)."""
+    max_tokens_cap: int = 0
+    """Router: a request may ask to generate at most this many tokens (400 if it
+    asks more; requests that ask none get at most this). 0: the model's limit."""
+    stream_write_timeout_s: float = 30.0
+    """Router: a client that stops reading its answer is dropped, and its request
+    aborted on the engines, once a write has waited this long (0: never)."""
     max_requests_per_decode_worker: int = 256
     """Router: generation requests it admits at once, per live decode worker
     of the model (streaming or queued); beyond that it answers HTTP 429 /
@@ -190,12 +237,47 @@ def _validate(s: Settings) -> None:
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {s.dtype!r}")
     if s.disaggregation not in ("auto", "always"):
         raise ValueError(f"disaggregation must be 'auto' or 'always', not {s.disaggregation!r}")
+    for name in ("key_requests_per_minute", "key_tokens_per_minute", "key_concurrent_streams",
+                 "max_request_body_bytes", "max_tokens_cap", "stream_write_timeout_s"):
+        if getattr(s, name) < 0:
+            raise ValueError(f"{name} must be >= 0, not {getattr(s, name)!r}")
+    from baton.tls import check as check_tls
+
+    check_tls(s)
+    if s.api_keys_file or s.api_keys:
+        from router.api_keys import KeyRing
+
+        KeyRing.load(s.api_keys_file, s.api_keys, key_limits(s))  # errors name the file, key and field
     if s.transfer_ttl_s <= s.request_timeout_s:
         raise ValueError("transfer_ttl_s must exceed request_timeout_s, or running requests expire")
 
 
+def key_limits(s: Settings):
+    """The limits of an API key that sets none of its own."""
+    from router.api_keys import KeyLimits
+
+    return KeyLimits(s.key_requests_per_minute, s.key_tokens_per_minute, s.key_concurrent_streams)
+
+
+def advertise_host(settings: Settings) -> str:
+    """The host other services reach this one at."""
+    if settings.advertise_host == "auto":
+        return _address_towards(settings.etcd_endpoint.rpartition(":")[0] or "127.0.0.1")
+    return settings.advertise_host or settings.host
+
+
+def _address_towards(host: str) -> str:
+    import socket
+
+    # A UDP "connect" sends nothing: it only asks the kernel which local
+    # address routes to ``host``.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((socket.gethostbyname(host), 9))
+        return probe.getsockname()[0]
+
+
 def advertised(settings: Settings, port: int) -> str:
-    return f"{settings.advertise_host or settings.host}:{port}"
+    return f"{advertise_host(settings)}:{port}"
 
 
 def replace(settings: Settings, **changes: Any) -> Settings:

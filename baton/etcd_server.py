@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from baton.rpc import free_port
+from baton.tls import Tls
 
 
 def find_etcd_binary() -> str:
@@ -43,10 +44,13 @@ def _port_is_free(host: str, port: int) -> bool:
 
 
 class EmbeddedEtcd:
-    def __init__(self, host: str = "127.0.0.1", client_port: int = 0, prefer_port: int | None = None):
+    def __init__(self, host: str = "127.0.0.1", client_port: int = 0, prefer_port: int | None = None,
+                 tls: Tls | None = None):
         """``prefer_port``: use it when free (so tools find etcd at its
-        usual address), else any free port."""
+        usual address), else any free port. ``tls``: serve clients over TLS
+        with its certificate (and demand theirs when mutual)."""
         self.host = host
+        self.tls = tls or Tls()
         if not client_port and prefer_port and _port_is_free(host, prefer_port):
             client_port = prefer_port
         self.client_port = client_port or free_port(host)
@@ -64,7 +68,13 @@ class EmbeddedEtcd:
         return f"{self.host}:{self.client_port}"
 
     def start(self, timeout_s: float = 15.0) -> EmbeddedEtcd:
-        client_url = f"http://{self.host}:{self.client_port}"
+        scheme = "https" if self.tls.cert_file else "http"
+        client_url = f"{scheme}://{self.host}:{self.client_port}"
+        tls_flags = []
+        if self.tls.cert_file:
+            tls_flags = ["--cert-file", self.tls.cert_file, "--key-file", self.tls.key_file]
+            if self.tls.mutual:
+                tls_flags += ["--client-cert-auth", "--trusted-ca-file", self.tls.ca_file]
         peer_url = f"http://{self.host}:{self.peer_port}"
         self._log = open(os.path.join(self._data_dir, "etcd.log"), "ab")  # noqa: SIM115
         self._proc = subprocess.Popen(
@@ -78,6 +88,7 @@ class EmbeddedEtcd:
                 "--initial-advertise-peer-urls", peer_url,
                 "--initial-cluster", f"baton={peer_url}",
                 "--log-level", "error",
+                *tls_flags,
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -21,6 +22,8 @@ from baton.etcd_server import EmbeddedEtcd
 from baton.model_store import default_cache_dir, resolve_model
 from baton.rpc import free_port
 from baton.served_models import served_models
+from baton.tls import Tls
+from baton.tls import use as use_tls
 from baton.up_control import SOCKET_FILE, ControlSocket, write_run_file
 
 # A service that dies this often within the window is failing, not
@@ -106,7 +109,7 @@ class LocalStack:
     def start(self, embedded_etcd: bool) -> None:
         if embedded_etcd:
             # etcd's usual port when free, so `baton status` finds it unasked.
-            self.etcd = EmbeddedEtcd(self.settings.host, prefer_port=2379).start()
+            self.etcd = EmbeddedEtcd(self.settings.host, prefer_port=2379, tls=Tls.internal(self.settings)).start()
             self.etcd_endpoint = self.etcd.endpoint
         common = self._common()
         self._spawn("control-plane", ["control-plane", *common, "--policy", self.settings.policy,
@@ -121,7 +124,9 @@ class LocalStack:
         router_models = ",".join(f"{s.name}={s.model}" for s in self.models)
         self._spawn("router", ["router", *common, "--models", router_models,
                                "--http-port", str(self.settings.http_port),
-                               "--grpc-port", str(self.settings.router_grpc_port)])
+                               "--grpc-port", str(self.settings.router_grpc_port),
+                               *(["--api-keys-file", self.settings.api_keys_file] if self.settings.api_keys_file
+                                 else [])])
 
     def _spawn_worker(self, role: str, m: int, index: int) -> Child:
         """Worker ``index`` of ``role`` for model ``m``, on its core of the
@@ -186,12 +191,14 @@ class LocalStack:
 
         deadline = time.monotonic() + timeout_s
         want = (self.n_prefill + self.n_decode) * len(self.models)
-        health = f"http://{self.settings.host}:{self.settings.http_port}/health"
+        health = f"{http_scheme(self.settings)}://{self.settings.host}:{self.settings.http_port}/health"
+        # Our own child on this host: its name need not match the public certificate's.
+        unverified = ssl._create_unverified_context()
         while time.monotonic() < deadline:
             self.check_children()
             try:
                 registered = len(asyncio.run(list_workers(self.etcd_endpoint, self.settings.etcd_prefix)))
-                with urllib.request.urlopen(health, timeout=2) as response:
+                with urllib.request.urlopen(health, timeout=2, context=unverified) as response:
                     router_ok = response.status == 200
             except Exception:
                 registered, router_ok = 0, False
@@ -279,6 +286,7 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
     from control_plane.scheduling import make_scheduler
 
     make_scheduler(settings.policy)  # a bad --policy or --models fails here, before anything starts
+    use_tls(Tls.internal(settings))  # for its own calls to etcd
     models = served_models(settings)
     for served in models:
         resolve_model(served.model)  # convert the default model once, before any service needs it
@@ -303,7 +311,7 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
     try:
         stack.start(embedded_etcd=args.etcd_endpoint is None)
         stack.wait_ready(timeout_s=600)
-        base = f"http://{settings.host}:{settings.http_port}/v1"
+        base = f"{http_scheme(settings)}://{settings.host}:{settings.http_port}/v1"
         write_run_file(log_dir, {"etcd": stack.etcd_endpoint, "etcd_prefix": settings.etcd_prefix,
                                  "control_plane": stack.control_plane, "http": base,
                                  "control_plane_metrics": f"http://{stack.control_plane_metrics}/metrics",
@@ -333,6 +341,10 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
             control.close()
         stack.stop()
         print("baton: stopped.", flush=True)
+
+
+def http_scheme(settings: Settings) -> str:
+    return "https" if settings.https_cert_file else "http"
 
 
 def _id_safe(name: str) -> str:

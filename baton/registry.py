@@ -16,7 +16,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import aetcd
+import grpc
 
+from baton import tls as tls_config
 from baton.logs import get_logger
 from baton.rpc import RECONNECT_OPTIONS
 
@@ -83,7 +85,42 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
 
 def etcd_client(endpoint: str) -> aetcd.Client:
     host, port = parse_endpoint(endpoint)
-    return aetcd.Client(host=host, port=port, timeout=5, options=dict(RECONNECT_OPTIONS))
+    tls = tls_config.current()
+    credentials = tls.channel_credentials()
+    if credentials is None:
+        return aetcd.Client(host=host, port=port, timeout=5, options=dict(RECONNECT_OPTIONS))
+    return _TlsEtcdClient(credentials, host=host, port=port, timeout=5,
+                          options=dict(RECONNECT_OPTIONS + tls.channel_options()))
+
+
+class _TlsEtcdClient(aetcd.Client):
+    """aetcd's client over a TLS channel (aetcd itself dials plaintext only)."""
+
+    def __init__(self, credentials: grpc.ChannelCredentials, **kwargs):
+        super().__init__(**kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        from aetcd import rpc, watcher
+
+        try:
+            self._is_connecting = True
+            self.channel = grpc.aio.secure_channel(f"{self._host}:{self._port}", self._credentials,
+                                                   options=self._options.items())
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout,
+                                            metadata=self.metadata)
+            self._connected.set()
+        finally:
+            self._is_connecting = False
 
 
 class Registration:

@@ -1,7 +1,8 @@
 """gRPC server and channel construction shared by every service.
 
 Every server serves gRPC health checking and reflection besides its own
-services, and carries trace context; every channel injects it.
+services, and carries trace context; every channel injects it. Both use the
+process's TLS (``baton.tls``) when it has one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from baton import tls as tls_config
 from baton.telemetry import ServerTraceInterceptor, client_interceptors
+from baton.tls import Tls
 
 # KV chunks stay well below this; other messages are tiny.
 MAX_MESSAGE_BYTES = 8 << 20
@@ -68,17 +71,25 @@ def _add_health_and_reflection(server, bindings: list[ServiceBinding], health_se
     return names
 
 
+def _bind(server, host: str, port: int, tls: Tls | None) -> int:
+    credentials = (tls or tls_config.current()).server_credentials()
+    if credentials is None:
+        return server.add_insecure_port(f"{host}:{port}")
+    return server.add_secure_port(f"{host}:{port}", credentials)
+
+
 async def start_server(
-    service: str, bindings: Iterable[ServiceBinding], host: str, port: int
+    service: str, bindings: Iterable[ServiceBinding], host: str, port: int, tls: Tls | None = None
 ) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
-    """Start a server; returns it, the bound port and its health servicer."""
+    """Start a server; returns it, the bound port and its health servicer.
+    ``tls``: how it serves (default: this process's internal TLS, if any)."""
     bindings = list(bindings)
     server = grpc.aio.server(
         interceptors=[ServerTraceInterceptor(service)], options=_CHANNEL_OPTIONS
     )
     health_servicer = health.aio.HealthServicer()
     names = _add_health_and_reflection(server, bindings, health_servicer)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = _bind(server, host, port, tls)
     if bound == 0:
         raise RuntimeError(f"{service}: cannot bind {host}:{port}")
     await server.start()
@@ -100,7 +111,7 @@ def start_sync_server(bindings: Iterable[ServiceBinding], host: str, port: int, 
     server.add_generic_rpc_handlers(tuple(handlers))
     health_servicer = health.HealthServicer()
     names = _add_health_and_reflection(server, bindings, health_servicer)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = _bind(server, host, port, None)
     if bound == 0:
         raise RuntimeError(f"cannot bind {host}:{port}")
     server.start()
@@ -110,12 +121,22 @@ def start_sync_server(bindings: Iterable[ServiceBinding], host: str, port: int, 
 
 
 def channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS, interceptors=client_interceptors())
+    """To another Baton service (TLS when this process uses it)."""
+    tls = tls_config.current()
+    credentials = tls.channel_credentials()
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS, interceptors=client_interceptors())
+    return grpc.aio.secure_channel(address, credentials, options=_CHANNEL_OPTIONS + tls.channel_options(),
+                                   interceptors=client_interceptors())
 
 
 def sync_channel(address: str) -> grpc.Channel:
     """For code outside an event loop (vLLM's engine processes)."""
-    return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    tls = tls_config.current()
+    credentials = tls.channel_credentials()
+    if credentials is None:
+        return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    return grpc.secure_channel(address, credentials, options=_CHANNEL_OPTIONS + tls.channel_options())
 
 
 class ChannelPool(Generic[C]):

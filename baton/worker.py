@@ -13,7 +13,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from baton.config import Settings, advertised
+from baton import tls
+from baton.config import Settings, advertise_host, advertised
 from baton.engine import Engine, EngineOptions
 from baton.logs import get_logger, setup_logging
 from baton.metrics_server import serve_metrics
@@ -22,6 +23,7 @@ from baton.registry import Registration, WorkerRecord, parse_labels
 from baton.rpc import ServiceBinding, start_server
 from baton.served_models import worker_model
 from baton.telemetry import setup_tracing
+from baton.tls import Tls
 from baton.worker_report import WorkerReporter
 from kv_transfer.connector import read_endpoints
 from kv_transfer.transport import available_backends
@@ -58,6 +60,8 @@ async def run_worker(
     instance = uuid.uuid4().hex[:12]  # this process: a restart under the same id is another peer
     labels = parse_labels(settings.labels)  # a bad one fails before the engine starts
     setup_logging(f"{role}-worker", settings.log_level)
+    internal_tls = Tls.internal(settings)
+    tls.use(internal_tls)
     setup_tracing(f"{role}-worker")
     # Both block for long (model conversion, ~45 s engine start): keep the
     # loop free.
@@ -69,6 +73,8 @@ async def run_worker(
     # The engine publishes its KV cache events here (none if turned off); the reporter forwards them.
     events_endpoint = f"ipc://{scratch}/kv-events" if settings.kv_events else ""
     backends = available_backends()
+    if internal_tls.enabled and not settings.tls_allow_plaintext_kv:
+        backends = [b for b in backends if b == "grpc"]  # the one whose KV moves over TLS
     engine = await asyncio.to_thread(Engine.start, EngineOptions(
         model_path=str(model_path),
         served_model_name=name,
@@ -77,9 +83,9 @@ async def run_worker(
                            "endpoint_file": str(endpoint_file),
                            "agent_name": f"{worker_id}-{instance}",
                            "offer_ttl_s": settings.staging_ttl_s,
-                           "kv_host": settings.advertise_host or settings.host,
+                           "kv_host": advertise_host(settings),
                            "staging_capacity_bytes": settings.staging_capacity_mib << 20,
-                           "handoff_dir": str(scratch / "handoff")},
+                           "handoff_dir": str(scratch / "handoff"), **internal_tls.as_options()},
         max_model_len=settings.max_model_len,
         dtype=settings.dtype,
         enforce_eager=settings.enforce_eager,

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from baton import tls
 from baton.config import Settings
 from baton.logs import get_logger, setup_logging
 from baton.metrics_server import serve_metrics
 from baton.registry import ROLES, RegistryWatcher
 from baton.rpc import ServiceBinding, start_server
 from baton.telemetry import setup_tracing
+from baton.tls import Tls
 from baton.v1 import control_plane_pb2_grpc
 from baton.worker import wait_for_signal
 from control_plane.metrics import control_plane_registry
@@ -24,6 +26,7 @@ log = get_logger(__name__)
 
 async def serve(settings: Settings) -> None:
     setup_logging("control-plane", settings.log_level)
+    tls.use(Tls.internal(settings))
     setup_tracing("control-plane")
     schedulers = {role: make_scheduler(settings.policy, role) for role in ROLES}
     registry = RegistryWatcher(settings.etcd_endpoint, settings.etcd_prefix)

@@ -58,6 +58,12 @@ class ConnectorOptions:
     staging_capacity_bytes: int = 1 << 30
     chunk_bytes: int = 1 << 20  # producer, grpc: bytes per wire message
     handoff_dir: str = ""  # where the worker service leaves notes of requests it hands off (``kv_transfer.handoff``)
+    # TLS of the grpc backend (its KV server and pushes), as ``baton.tls.Tls``.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
+    tls_mutual: bool = False
+    tls_server_name: str = ""
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorOptions:
@@ -155,6 +161,10 @@ class BatonConnector(KVConnectorBase_V1):
         ensure_logging(f"kv-connector-{role.name.lower()}")
         transfer = vllm_config.kv_transfer_config
         options = ConnectorOptions.from_extra(transfer.kv_connector_extra_config)
+        from baton import tls
+
+        tls.use(tls.Tls(options.tls_cert_file, options.tls_key_file, options.tls_ca_file, options.tls_mutual,
+                        options.tls_server_name))
         block_size = vllm_config.cache_config.block_size
         self._scheduler_side: BatonSchedulerSide | None = None
         self._worker_side: BatonWorkerSide | None = None
