@@ -182,6 +182,18 @@ def _read_until(proc: subprocess.Popen, marker: str, timeout_s: float) -> list[s
 
 
 WORKER_LABELS = "region=eu,tier=test"  # what every worker of the shared stack carries
+# Settings docker-compose.yml gives by host name and fixed port: one host
+# here, where `baton up` picks the addresses and ports.
+COMPOSE_HOST_SPECIFIC = {"BATON_ETCD_ENDPOINT", "BATON_CONTROL_PLANE_ADDRESS", "BATON_HOST", "BATON_METRICS_PORT"}
+
+
+def compose_settings() -> dict[str, str]:
+    """The BATON_* settings docker-compose.yml gives every Baton service,
+    but those naming its hosts and ports: the shared stack runs with them."""
+    import yaml
+
+    env = yaml.safe_load((REPO / "docker-compose.yml").read_text())["x-baton"]["environment"]
+    return {k: str(v) for k, v in env.items() if k.startswith("BATON_") and k not in COMPOSE_HOST_SPECIFIC}
 
 
 @contextlib.contextmanager
@@ -228,7 +240,7 @@ def otlp():
 def stack(etcd, model_path, vllm_serve, otlp, tmp_path_factory) -> Stack:
     # Every prompt on a prefill worker: the tests of the KV hand-over need
     # one for each request, however short (test_routing runs "auto").
-    env = {"BATON_KV_FETCH_TIMEOUT_MS": str(KV_FETCH_TIMEOUT_MS),
+    env = {**compose_settings(), "BATON_KV_FETCH_TIMEOUT_MS": str(KV_FETCH_TIMEOUT_MS),
            "BATON_KV_PUSH_START_TIMEOUT_MS": str(KV_PUSH_START_TIMEOUT_MS),
            "BATON_LABELS": WORKER_LABELS, "BATON_DISAGGREGATION": "always", **otlp.env}
     with baton_stack(etcd, tmp_path_factory.mktemp("stack-logs"), env) as running:

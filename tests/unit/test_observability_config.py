@@ -37,18 +37,25 @@ def test_prometheus_config_passes_promtool():
 
 
 def test_prometheus_scrapes_every_baton_service_on_its_metrics_port():
+    """The router and the control plane by name; workers by DNS, which
+    resolves a service's name to every replica (and the GPU workers carry
+    the CPU workers' names as aliases)."""
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     config = yaml.safe_load((OBSERVABILITY / "prometheus.yml").read_text())
-    targets = {t for job in config["scrape_configs"] for group in job["static_configs"] for t in group["targets"]}
+    targets = {t for job in config["scrape_configs"] for group in job.get("static_configs", [])
+               for t in group["targets"]}
+    targets |= {f"{name}:{sd['port']}" for job in config["scrape_configs"] for sd in job.get("dns_sd_configs", [])
+                for name in sd["names"]}
     expected = set()
     for name, service in compose["services"].items():
-        if service.get("image") != "baton:latest":
+        if not str(service.get("image", "")).startswith("baton:"):
             continue
         if service["command"][0] == "router":
             port = service["command"][service["command"].index("--http-port") + 1]
         else:
             port = service["environment"]["BATON_METRICS_PORT"]
-        expected.add(f"{name}:{port}")
+        aliases = service.get("networks", {}).get("default", {}).get("aliases", [])
+        expected.add(f"{aliases[0] if aliases else name}:{port}")
     assert targets == expected
 
 
