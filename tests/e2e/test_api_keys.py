@@ -24,6 +24,7 @@ from tests.e2e.conftest import REPO, baton_command, wait_for
 from tests.e2e.test_metrics import endpoints, scrape, scrape_all, value
 
 MAX_TOKENS_CAP = 1000
+MAX_MODEL_LEN = 1536  # the guarded router's: below the engines' 2048, it bounds prompts at the door
 MAX_BODY_BYTES = 64 << 10
 WRITE_TIMEOUT_S = 1.0
 TOKENS_PER_MINUTE = 40
@@ -52,7 +53,7 @@ def guarded(stack, tmp_path_factory):
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             baton_command("router", *stack.env_flags(), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-                          "--api-keys-file", str(keys_file)),
+                          "--api-keys-file", str(keys_file), "--max-model-len", str(MAX_MODEL_LEN)),
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
             env={**os.environ, "BATON_MAX_TOKENS_CAP": str(MAX_TOKENS_CAP),
                  "BATON_MAX_REQUEST_BODY_BYTES": str(MAX_BODY_BYTES),
@@ -188,6 +189,19 @@ def test_a_body_too_large_is_413_and_a_length_over_the_cap_400(guarded):
                 metadata=(("authorization", f"Bearer {guarded['keys']['open']}"),), timeout=60))
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     chat(guarded, guarded["keys"]["open"])  # and it goes on serving
+
+
+def test_a_prompt_longer_than_the_routers_limit_is_refused_before_anything_runs(stack, guarded):
+    from tests.e2e.prompts import long_document
+
+    content = long_document(3, 85) + "\nSummarize."  # ~1.7k tokens with the chat template
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat(guarded, guarded["keys"]["open"], content, max_tokens=4)
+    assert "maximum context length" in refused.value.message and str(MAX_MODEL_LEN) in refused.value.message
+    # The shared stack's router, with the engines' own limit, takes it.
+    reply = openai.OpenAI(base_url=stack.http_base, api_key="unused", timeout=180).chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": content}], max_tokens=4)
+    assert MAX_MODEL_LEN < reply.usage.prompt_tokens < 2048
 
 
 def test_a_client_that_stops_reading_is_dropped_and_its_requests_freed(stack, guarded):
