@@ -158,8 +158,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         asyncio.run(serve(_settings(args, _COMMON_FLAGS + _WORKER_FLAGS + [_METRICS_FLAG])))
         return 0
     if args.command == "scale":
+        from baton import tls
         from baton.up_control import scale
 
+        tls.use(tls.Tls.internal(load_settings()))
         print(json.dumps(scale(args.run, args.prefill, args.decode, args.wait_s)))
         return 0
     if args.command == "health":

@@ -51,6 +51,8 @@ class EmbeddedEtcd:
         with its certificate (and demand theirs when mutual)."""
         self.host = host
         self.tls = tls or Tls()
+        if self.tls.enabled and not self.tls.cert_file:
+            raise RuntimeError("TLS is on (tls_ca_file) but etcd has no tls_cert_file/tls_key_file to serve with")
         if not client_port and prefer_port and _port_is_free(host, prefer_port):
             client_port = prefer_port
         self.client_port = client_port or free_port(host)

@@ -72,7 +72,11 @@ def _add_health_and_reflection(server, bindings: list[ServiceBinding], health_se
 
 
 def _bind(server, host: str, port: int, tls: Tls | None) -> int:
-    credentials = (tls or tls_config.current()).server_credentials()
+    tls = tls or tls_config.current()
+    if tls.enabled and not tls.cert_file:
+        # Its clients dial TLS: a plaintext server would only fail every call.
+        raise RuntimeError(f"TLS is on (tls_ca_file) but this server has no tls_cert_file/tls_key_file to serve {host}:{port}")
+    credentials = tls.server_credentials()
     if credentials is None:
         return server.add_insecure_port(f"{host}:{port}")
     return server.add_secure_port(f"{host}:{port}", credentials)

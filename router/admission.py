@@ -52,7 +52,14 @@ class Admission:
         return max(1, min(60, math.ceil(self._mean_s / limit)))
 
 
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"})
+# POSTs that run no generation. Every other POST may reach the engines:
+# vLLM's app has more generation routes than the OpenAI ones (batch,
+# SageMaker's /invocations, scoring), so every other one counts.
+NON_GENERATING_POSTS = frozenset({"/tokenize", "/detokenize"})
+
+
+def generates(scope) -> bool:
+    return scope["type"] == "http" and scope["method"] == "POST" and scope["path"] not in NON_GENERATING_POSTS
 
 
 class AdmitGenerations:
@@ -66,7 +73,7 @@ class AdmitGenerations:
         self._clock = clock
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in GENERATION_PATHS:
+        if not generates(scope):
             return await self._app(scope, receive, send)
         if not self._admission.enter():
             return await _refuse(send, self._admission)

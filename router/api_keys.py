@@ -110,6 +110,10 @@ class KeyRing:
             if not sep or not name:
                 raise ValueError(f"api_keys: {item!r} is not NAME:SHA256")
             keys.append(ApiKey(name.strip(), _check_digest(f"api_keys: {name}", value), defaults))
+        if not keys:
+            # An empty file (an empty Secret, a typo) must not leave the API open.
+            raise ValueError(f"api_keys_file {path!r} / api_keys: configured but no key in them; "
+                             "add one with `baton api-key NAME --append-to FILE`, or unset both to serve without keys")
         try:
             return cls(keys)
         except ValueError as exc:

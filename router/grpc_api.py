@@ -172,8 +172,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         finally:
             self._admission.leave(self._clock() - started)
             if key is not None:
-                self._guard.release(held)
-                self._guard.leave(key)
+                self._guard.leave(key)  # first: the release below may be in another context
+                with contextlib.suppress(ValueError):  # closed by the loop's finalizer, not this task
+                    self._guard.release(held)
 
     async def _authenticate(self, context: grpc.aio.ServicerContext) -> ApiKey | None:
         """The caller's key (None when the router has no keys); aborts

@@ -1,5 +1,6 @@
-"""The router's door: with API keys configured, every request but health,
-version and metrics must present a valid key (HTTP 401 / gRPC
+"""The router's door: with API keys configured, every request but health
+and version probes must present a valid key (Prometheus too: /metrics names
+the keys and their usage) (HTTP 401 / gRPC
 UNAUTHENTICATED otherwise, OpenAI's error body), and a generation must
 pass its key's limits (HTTP 429 / RESOURCE_EXHAUSTED, with Retry-After).
 The key holds for the request's task (a context variable), so the pipeline
@@ -15,13 +16,14 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from baton.logs import get_logger
-from router.admission import GENERATION_PATHS
+from router.admission import generates
 from router.api_keys import ApiKey, KeyRing, bearer
 from router.key_limits import KeyLimiter, Refusal
 
 log = get_logger(__name__)
 
-OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics"})  # probes and scrapes need no key
+OPEN_PATHS = frozenset({"/health", "/ping", "/version"})  # probes need no key; /metrics does (key names, usage)
+
 _current: contextvars.ContextVar[tuple[KeyGuard, ApiKey] | None] = contextvars.ContextVar("baton_api_key",
                                                                                           default=None)
 
@@ -114,7 +116,7 @@ class RequireApiKey:
         if key is None:
             return await send_error(send, 401, UNAUTHORIZED_MESSAGE, "invalid_request_error", "invalid_api_key",
                                     [(b"www-authenticate", b'Bearer realm="baton"')])
-        if scope["method"] != "POST" or scope["path"] not in GENERATION_PATHS:
+        if not generates(scope):
             return await self._app(scope, receive, send)
         refusal = self._guard.enter(key)
         if refusal is not None:

@@ -45,8 +45,9 @@ async def serve(settings: Settings) -> None:
     from router.pipeline import Pipeline
     from router.request_limits import RequestLimits
 
-    guard = KeyGuard(KeyRing.load(settings.api_keys_file, settings.api_keys, key_limits(settings)), time.monotonic,
-                     get_prometheus_registry())
+    keys = (KeyRing.load(settings.api_keys_file, settings.api_keys, key_limits(settings))
+            if settings.api_keys_file or settings.api_keys else KeyRing([]))
+    guard = KeyGuard(keys, time.monotonic, get_prometheus_registry())
     frontend_extra = settings.frontend_args.split()
     if settings.max_tokens_cap:  # requests that ask for no length get at most the cap (vLLM's own override)
         frontend_extra += ["--override-generation-config", json.dumps({"max_new_tokens": settings.max_tokens_cap})]

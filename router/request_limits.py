@@ -17,7 +17,6 @@ import json
 import time
 
 from baton.logs import get_logger
-from router.admission import GENERATION_PATHS
 from router.key_guard import send_error
 
 log = get_logger(__name__)
@@ -43,7 +42,13 @@ def too_many_tokens(body: dict, cap: int) -> str:
     """Why a request body asks more tokens than ``cap`` ("" if it does not)."""
     for field in MAX_TOKENS_FIELDS:
         value = body.get(field)
-        if isinstance(value, int) and not isinstance(value, bool) and value > cap:
+        if isinstance(value, bool) or value is None:
+            continue
+        try:
+            asked = float(value)  # vLLM's models take "100000" and 1e5 too
+        except (TypeError, ValueError):
+            continue  # not a number: vLLM refuses it with its own 400
+        if asked > cap:
             return f"{field} is {value}, above this server's limit of {cap} tokens per request."
     return ""
 
@@ -68,7 +73,7 @@ class RequestLimits:
             body = await self._read_body(receive)
         except _BodyTooLarge:
             return await self._refuse_size(send)
-        if self._cap and scope["method"] == "POST" and scope["path"] in GENERATION_PATHS:
+        if self._cap and scope["method"] == "POST":  # every route that may generate (batch, invocations...)
             try:
                 parsed = json.loads(body) if body else {}
             except ValueError:

@@ -21,7 +21,7 @@ import pytest
 from baton.rpc import free_port
 from baton.v1 import inference_pb2, inference_pb2_grpc
 from tests.e2e.conftest import REPO, baton_command, wait_for
-from tests.e2e.test_metrics import endpoints, scrape, scrape_all, value
+from tests.e2e.test_metrics import endpoints, scrape_all, value
 
 MAX_TOKENS_CAP = 1000
 MAX_MODEL_LEN = 1536  # the guarded router's: below the engines' 2048, it bounds prompts at the door
@@ -73,6 +73,19 @@ def guarded(stack, tmp_path_factory):
     proc.wait(60)
 
 
+def metrics_text(guarded) -> str:
+    """The router's /metrics, as Prometheus scrapes it with a key."""
+    auth = {"Authorization": f"Bearer {guarded['keys']['open']}"}
+    return httpx.get(guarded["base"] + "/metrics", headers=auth, timeout=10).raise_for_status().text
+
+
+def guarded_samples(guarded):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [(s.name, s.labels, s.value) for family in text_string_to_metric_families(metrics_text(guarded))
+            for s in family.samples]
+
+
 def client(guarded, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=guarded["base"] + "/v1", api_key=key, timeout=120, max_retries=0)
 
@@ -95,7 +108,8 @@ def test_without_a_valid_key_every_api_refuses(guarded):
         assert no_key.status_code == 401, (path, no_key.text)
         assert no_key.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(guarded["base"] + "/health").status_code == 200  # probes need no key
-    assert "baton_api_key_unauthorized_total" in httpx.get(guarded["base"] + "/metrics").text
+    assert httpx.get(guarded["base"] + "/metrics").status_code == 401  # it names keys and their usage
+    assert "baton_api_key_unauthorized_total" in metrics_text(guarded)
     with grpc.insecure_channel(guarded["grpc"]) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         for metadata in ((), (("authorization", "Bearer bk-not-a-key"),)):
@@ -114,10 +128,10 @@ def test_without_a_valid_key_every_api_refuses(guarded):
 def test_a_valid_key_is_served_and_its_usage_counted(guarded):
     reply = chat(guarded, guarded["keys"]["open"], "Wie heißt die Hauptstadt von Österreich?")
     assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
-    samples = scrape(guarded["base"] + "/metrics")
+    samples = guarded_samples(guarded)
     assert value(samples, "baton_api_key_requests_total", key="open", outcome="admitted") >= 1
     assert value(samples, "baton_api_key_tokens_total", key="open") >= reply.usage.total_tokens
-    assert guarded["keys"]["open"] not in httpx.get(guarded["base"] + "/metrics").text
+    assert guarded["keys"]["open"] not in metrics_text(guarded)
 
 
 def test_requests_per_minute_refuse_with_retry_after(guarded):
@@ -170,7 +184,7 @@ def test_concurrent_streams_refuse_a_second_stream(guarded):
 
 
 def _streams(guarded, key_name: str) -> float:
-    return value(scrape(guarded["base"] + "/metrics"), "baton_api_key_streams", key=key_name)
+    return value(guarded_samples(guarded), "baton_api_key_streams", key=key_name)
 
 
 def test_a_body_too_large_is_413_and_a_length_over_the_cap_400(guarded):

@@ -43,6 +43,7 @@ def test_a_keys_file_holds_digests_and_limits(tmp_path):
     (f'[keys.a]\nsha256 = "{"0" * 64}"\nconcurrent_streams = -1\n', "keys.a.concurrent_streams: must be"),
     (f'[keys.a]\nsha256 = "{"0" * 64}"\n[keys.b]\nsha256 = "{"0" * 64}"\n', "the same key as 'a'"),
     ('[key.a]\nsha256 = "x"\n', "unknown tables ['key']"),
+    ("# no key yet\n", "configured but no key"),  # an empty Secret must not leave the API open
 ])
 def test_a_bad_keys_file_is_refused_naming_the_field(tmp_path, text, named):
     path = write_keys(tmp_path, text)
@@ -109,10 +110,13 @@ def test_concurrent_streams_are_counted_until_they_end():
     assert limiter.enter(k, 0.0) is None
 
 
-def test_too_many_tokens_names_the_field():
+def test_too_many_tokens_names_the_field_whatever_the_numbers_form():
     assert too_many_tokens({"max_tokens": 65}, 64) == "max_tokens is 65, above this server's limit of 64 tokens per request."
     assert "max_completion_tokens" in too_many_tokens({"max_completion_tokens": 100}, 64)
+    for sneaky in ("100000", 1e5, 64.5):  # vLLM's request models coerce these to ints
+        assert too_many_tokens({"max_tokens": sneaky}, 64), sneaky
     assert too_many_tokens({"max_tokens": 64}, 64) == "" and too_many_tokens({}, 64) == ""
+    assert too_many_tokens({"max_tokens": "many"}, 64) == ""  # vLLM refuses that itself
 
 
 # --- the middleware, around a stand-in app ---------------------------------
@@ -151,6 +155,7 @@ def test_without_a_valid_key_the_answer_is_401_in_openais_shape():
         assert response.json()["error"]["code"] == "invalid_api_key"
         assert response.headers["www-authenticate"].startswith("Bearer")
     assert call(app, "/v1/models", headers={"Authorization": "Bearer bk-bad"}).status_code == 401
+    assert call(app, "/metrics").status_code == 401  # it names the keys and their usage
     assert call(app, "/health").status_code == 200  # probes need no key
     assert call(app, body=b"{}", headers={"Authorization": "Bearer bk-good"}).status_code == 200
     assert guard.tokens.labels("a")._value.get() == 5
@@ -165,6 +170,10 @@ def test_a_key_over_its_limit_gets_429_with_retry_after():
     assert refused.status_code == 429 and refused.headers["retry-after"] == "60"
     assert refused.json()["error"]["type"] == "rate_limit_exceeded"
     assert guard.requests.labels("a", "requests_per_minute")._value.get() == 1
+    # vLLM's other generation routes count too; tokenizing does not.
+    assert call(app, "/v1/chat/completions/batch", body=b"{}", headers=auth).status_code == 429
+    assert call(app, "/invocations", body=b"{}", headers=auth).status_code == 429
+    assert call(app, "/tokenize", body=b"{}", headers=auth).status_code == 200
 
 
 def test_no_keys_configured_lets_everything_through():
@@ -178,6 +187,7 @@ def test_a_body_over_the_limit_is_413_and_a_length_over_the_cap_400():
     assert too_big.status_code == 413 and "1000 bytes" in too_big.json()["error"]["message"]
     over_cap = call(app, "/v1/chat/completions", body=json.dumps({"max_tokens": 65}).encode())
     assert over_cap.status_code == 400 and "limit of 64 tokens" in over_cap.json()["error"]["message"]
+    assert call(app, "/invocations", body=json.dumps({"max_tokens": "1e5"}).encode()).status_code == 400
     assert call(app, body=json.dumps({"max_tokens": 64}).encode()).status_code == 200
 
 

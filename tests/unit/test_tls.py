@@ -97,6 +97,14 @@ def test_servers_at_addresses_no_certificate_names_are_checked_for_one_service_n
         server.stop(None)
 
 
+def test_a_server_without_a_certificate_refuses_to_start_when_tls_is_on(pki):
+    tls.use(pki["anonymous"])  # a CA only: enough for a client, not for a server
+    with pytest.raises(RuntimeError, match="no tls_cert_file"):
+        start_sync_server([], "127.0.0.1", 0, 2)
+    with pytest.raises(RuntimeError, match="no tls_cert_file"):
+        EmbeddedEtcd(tls=pki["anonymous"])
+
+
 @pytest.mark.parametrize("overrides, named", [
     ({"tls_cert_file": "CERT"}, "tls_key_file must be set with tls_cert_file"),
     ({"https_key_file": "KEY"}, "https_cert_file must be set with https_key_file"),
