@@ -218,6 +218,24 @@ def test_a_prompt_longer_than_the_routers_limit_is_refused_before_anything_runs(
     assert MAX_MODEL_LEN < reply.usage.prompt_tokens < 2048
 
 
+def test_a_request_past_its_deadline_ends_and_frees_the_engines(stack, guarded):
+    """The client's gRPC deadline (HTTP requests get REQUEST_TIMEOUT_S, the
+    same budget): a 1000-token answer asked within 4 s ends with
+    DEADLINE_EXCEEDED, and the engines stop generating it."""
+    decode = endpoints(stack)["decode"]
+    started = time.monotonic()
+    with grpc.insecure_channel(guarded["grpc"]) as channel:
+        with pytest.raises(grpc.RpcError) as ended:
+            list(inference_pb2_grpc.InferenceStub(channel).Generate(inference_pb2.GenerateRequest(
+                prompt="Tell a long story.", sampling=inference_pb2.SamplingParams(
+                    max_tokens=MAX_TOKENS_CAP, ignore_eos=True)),
+                metadata=(("authorization", f"Bearer {guarded['keys']['open']}"),), timeout=4))
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 10
+    wait_for(lambda: value(scrape_all(decode), "vllm:num_requests_running") == 0, 30,
+             "the decode engine to stop the request past its deadline")
+
+
 def test_a_client_that_stops_reading_is_dropped_and_its_requests_freed(stack, guarded):
     """Eight long answers with every token's 20 top logprobs fill the
     socket's buffers within a few hundred tokens; the client never reads.
