@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
 from baton.config import load_settings
@@ -226,6 +227,35 @@ def baton_stack(etcd, log_dir: Path, env_extra: dict[str, str], *flags: str, pre
     from baton.registry import list_workers
 
     assert asyncio.run(list_workers(etcd.endpoint, prefix)) == []
+
+
+@contextlib.contextmanager
+def second_router(stack: Stack, log_path: Path, env: dict[str, str], *flags: str):
+    """Another router beside the shared stack's (several routers may serve
+    one cluster) with settings of its own; yields it as a Stack (its own
+    HTTP and gRPC addresses, the shared stack's cluster)."""
+    http_port, grpc_port = free_port(), free_port()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            baton_command("router", *stack.env_flags(), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+                          *flags),
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **env})
+    base = f"http://127.0.0.1:{http_port}"
+
+    def healthy() -> bool:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        try:
+            return httpx.get(f"{base}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(healthy, 300, f"the second router ({log_path})")
+        yield Stack(f"{base}/v1", f"127.0.0.1:{grpc_port}", stack.etcd_endpoint, stack.control_plane, stack.log_dir,
+                    stack.model_name, stack.model_path, proc, stack.etcd_prefix, env)
+    finally:
+        proc.terminate()
+        proc.wait(60)
 
 
 @pytest.fixture(scope="session")

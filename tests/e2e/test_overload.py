@@ -8,18 +8,14 @@ serving; when a place frees, requests are admitted again."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import threading
 
 import grpc
-import httpx
 import openai
 import pytest
 
-from baton.rpc import free_port
 from baton.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-from tests.e2e.conftest import REPO, baton_command, wait_for
+from tests.e2e.conftest import second_router, wait_for
 from tests.e2e.test_faults import MAX_TOKENS, TOPICS, answer, router_counter, stream, workers
 
 PER_DECODE_WORKER = 2
@@ -27,27 +23,9 @@ PER_DECODE_WORKER = 2
 
 @pytest.fixture(scope="module")
 def bounded_router(stack, tmp_path_factory):
-    http_port, grpc_port = free_port(), free_port()
     log_path = tmp_path_factory.mktemp("bounded-router") / "router.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            baton_command("router", *stack.env_flags(), "--http-port", str(http_port), "--grpc-port", str(grpc_port)),
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-            env={**os.environ, "BATON_MAX_REQUESTS_PER_DECODE_WORKER": str(PER_DECODE_WORKER)})
-    base = f"http://127.0.0.1:{http_port}"
-
-    def healthy() -> bool:
-        assert proc.poll() is None, log_path.read_text()[-3000:]
-        try:
-            return httpx.get(f"{base}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(healthy, 300, "the second router")
-    yield type(stack)(f"{base}/v1", f"127.0.0.1:{grpc_port}", stack.etcd_endpoint, stack.control_plane,
-                      stack.log_dir, stack.model_name, stack.model_path, proc, stack.etcd_prefix)
-    proc.terminate()
-    proc.wait(60)
+    with second_router(stack, log_path, {"BATON_MAX_REQUESTS_PER_DECODE_WORKER": str(PER_DECODE_WORKER)}) as router:
+        yield router
 
 
 def test_past_its_bound_a_router_refuses_at_once_with_retry_after(stack, bounded_router):
