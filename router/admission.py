@@ -90,11 +90,7 @@ def refusal_message(admission: Admission) -> str:
 
 
 async def _refuse(send, admission: Admission) -> None:
-    import json
+    from router.http_errors import send_error
 
-    body = json.dumps({"error": {"message": refusal_message(admission), "type": "TooManyRequestsError",
-                                 "param": None, "code": 429}}).encode()
-    await send({"type": "http.response.start", "status": 429, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"retry-after", str(admission.retry_after_s()).encode())]})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, 429, refusal_message(admission), "TooManyRequestsError", 429,
+                     [(b"retry-after", str(admission.retry_after_s()).encode())])

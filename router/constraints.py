@@ -7,10 +7,10 @@ frontend sits between the two and knows nothing of them."""
 from __future__ import annotations
 
 import contextvars
-import json
 import time
 
 from baton.registry import parse_labels
+from router.http_errors import send_error
 
 REQUIRE_HEADER = "x-baton-require"
 
@@ -72,12 +72,7 @@ class RequireLabels:
         try:
             labels = parse_header(header)
         except ValueError as exc:
-            body = json.dumps({"error": {"message": str(exc), "type": "BadRequestError",
-                                         "param": REQUIRE_HEADER, "code": 400}}).encode()
-            await send({"type": "http.response.start", "status": 400,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await send_error(send, 400, str(exc), "BadRequestError", 400, param=REQUIRE_HEADER)
             return
         token = require(labels)
         try:

@@ -10,7 +10,6 @@ in the router's metrics; the key itself never is."""
 from __future__ import annotations
 
 import contextvars
-import json
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -18,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from baton.logs import get_logger
 from router.admission import generates
 from router.api_keys import ApiKey, KeyRing, bearer
+from router.http_errors import send_error
 from router.key_limits import KeyLimiter, Refusal
 
 log = get_logger(__name__)
@@ -87,14 +87,6 @@ class KeyGuard:
 
 UNAUTHORIZED_MESSAGE = ("Incorrect or missing API key. Send it as 'Authorization: Bearer <key>' "
                         "(the openai SDK's api_key).")
-
-
-async def send_error(send, status: int, message: str, kind: str, code, headers=()) -> None:
-    """An OpenAI-style error response."""
-    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
-    await send({"type": "http.response.body", "body": body})
 
 
 class RequireApiKey:

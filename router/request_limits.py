@@ -17,7 +17,7 @@ import json
 import time
 
 from baton.logs import get_logger
-from router.key_guard import send_error
+from router.http_errors import send_error
 
 log = get_logger(__name__)
 
